@@ -1,0 +1,92 @@
+"""The one checkpoint format every script reads and writes.
+
+A checkpoint is a plain dict of tensors and Python primitives, so it loads with
+`torch.load(..., weights_only=True)`: no pickled objects, nothing executed on load.
+
+    format, version        identify the file
+    model_config           UNet / ConditionalUNet keyword arguments
+    diffusion_config       GaussianDiffusion keyword arguments
+    conditional            bool
+    model, ema             state dicts (EMA weights are the ones to sample from)
+    step, epoch            training progress
+    train_state            optimizer, LR schedule, AMP scaler, RNG states (for exact resume)
+    config                 the training run's full configuration
+"""
+import os
+import tempfile
+from typing import Optional
+
+import torch
+
+from conditional_ddpm import ConditionalUNet
+from ddpm_model import GaussianDiffusion, UNet
+
+FORMAT, VERSION = "ddpm-mnist-checkpoint", 1
+REQUIRED_KEYS = ("model_config", "diffusion_config", "conditional", "model", "ema", "step")
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a checkpoint; the message names the file and the problem."""
+
+
+def atomic_write(path: str, write) -> None:
+    """Call write(tmp_path), then rename onto `path`: a crash mid-write never leaves a torn file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path: str, model: torch.nn.Module, ema: torch.nn.Module, diffusion: GaussianDiffusion,
+                    step: int = 0, epoch: int = 0, train_state: Optional[dict] = None,
+                    config: Optional[dict] = None) -> None:
+    state = dict(format=FORMAT, version=VERSION, model_config=dict(model.config),
+                 diffusion_config=dict(diffusion.config), conditional=isinstance(model, ConditionalUNet),
+                 model=model.state_dict(), ema=ema.state_dict(), step=int(step), epoch=int(epoch),
+                 train_state=train_state or {}, config=config or {})
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str, conditional: Optional[bool] = None, map_location="cpu") -> dict:
+    """Load and validate a checkpoint. `conditional`, if given, is the kind the caller needs."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        problem = "is truncated or corrupt" if is_zip else "is not a PyTorch checkpoint"
+        raise CheckpointError(f"{path} {problem} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a PyTorch file but not a DDPM checkpoint of this repository")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is missing {', '.join(missing)}")
+    if conditional is not None and ckpt["conditional"] != conditional:
+        kind = "a conditional" if ckpt["conditional"] else "an unconditional"
+        script = "train_conditional.py" if ckpt["conditional"] else "train.py"
+        raise CheckpointError(f"{path} is {kind} checkpoint; use it with {script}")
+    return ckpt
+
+
+def build_model(model_config: dict, conditional: bool) -> torch.nn.Module:
+    config = dict(model_config)
+    if conditional:
+        return ConditionalUNet(**config)
+    config.pop("num_classes", None)
+    return UNet(**config)
+
+
+def model_from_checkpoint(ckpt: dict, use_ema: bool = True):
+    """(model, diffusion) ready to sample from, on the CPU, in eval mode."""
+    model = build_model(ckpt["model_config"], ckpt["conditional"])
+    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    return model.eval(), GaussianDiffusion(**ckpt["diffusion_config"])

@@ -1,0 +1,398 @@
+"""The U-Net and the Gaussian diffusion process: schedules, training loss and samplers.
+
+The network (`UNet`) and the maths (`GaussianDiffusion`) are independent: every sampler takes any
+callable `model(x_t, t, **model_kwargs)` that returns the prediction target (eps, x0 or v), so the
+same loops serve the unconditional model, the conditional one, classifier-free guidance and the
+closed-form oracles in the tests.
+"""
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
+PREDICTIONS = ("eps", "x0", "v")
+BETA_SCHEDULES = ("linear", "cosine")
+SPACINGS = ("uniform", "leading", "trailing", "logsnr")
+METHODS = ("ddpm", "ddim", "dpm_solver")
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------------
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in Transformers and DDPM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    # 32 groups where the width allows it; tiny test models get as many as divide their width.
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convolutions with the (time [+ class]) embedding added in between."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, act: type):
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(in_ch), act(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb_proj = nn.Sequential(act(), nn.Linear(emb_dim, out_ch))
+        self.out_layers = nn.Sequential(group_norm(out_ch), act(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        nn.init.zeros_(self.out_layers[-1].weight)  # each block starts as the identity: stable early training
+        nn.init.zeros_(self.out_layers[-1].bias)
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x) + self.emb_proj(emb)[:, :, None, None]
+        return self.skip(x) + self.out_layers(h)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over all pixels of a feature map, with a residual connection."""
+
+    def __init__(self, channels: int, head_dim: int = 64):
+        super().__init__()
+        self.heads = max(1, channels // head_dim)
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, c/heads)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: residual blocks (each optionally followed by attention) and a resampler."""
+
+    def __init__(self, blocks: Sequence[nn.Module], attns: Sequence[nn.Module], resample: Optional[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(attns)
+        self.resample = resample
+
+
+class Upsample(nn.Module):
+    """Nearest upsampling to an explicit size, then a 3x3 conv: 4 -> 7 -> 14 -> 28 lands on each skip exactly."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net (Ho et al. 2020) for small grayscale images.
+
+    Runs natively at any size, odd sizes included: downsampling is a stride-2 conv (28 -> 14 -> 7 -> 4)
+    and upsampling returns to the size of the matching skip connection.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, model_channels: int = 128,
+                 channel_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
+                 attention_resolutions: Sequence[int] = (14,), dropout: float = 0.1,
+                 activation: str = "relu", image_size: int = 28):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        act = ACTIVATIONS[activation]
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+                           channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
+                           attention_resolutions=list(attention_resolutions), dropout=dropout,
+                           activation=activation, image_size=image_size)
+        self.model_channels = model_channels
+        emb_dim = 4 * model_channels
+        self.emb_dim = emb_dim
+        self.time_mlp = nn.Sequential(nn.Linear(model_channels, emb_dim), act(), nn.Linear(emb_dim, emb_dim))
+
+        def attention(ch: int, res: int) -> nn.Module:
+            return SelfAttention(ch) if res in attention_resolutions else nn.Identity()
+
+        self.input_conv = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        ch, res = model_channels, image_size
+        skip_channels = [ch]
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(ch, mult * model_channels, emb_dim, dropout, act))
+                ch = mult * model_channels
+                attns.append(attention(ch, res))
+                skip_channels.append(ch)
+            last = level == len(channel_mult) - 1
+            self.down.append(Level(blocks, attns, None if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1)))
+            if not last:
+                skip_channels.append(ch)
+                res = (res + 1) // 2
+
+        self.mid_blocks = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, act) for _ in range(2)])
+        self.mid_attn = SelfAttention(ch)
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            blocks, attns = [], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResBlock(ch + skip_channels.pop(), mult * model_channels, emb_dim, dropout, act))
+                ch = mult * model_channels
+                attns.append(attention(ch, res))
+            if level > 0:
+                res = image_size
+                for _ in range(level - 1):  # the resolution of the level above
+                    res = (res + 1) // 2
+            self.up.append(Level(blocks, attns, Upsample(ch) if level > 0 else None))
+
+        self.out = nn.Sequential(group_norm(ch), act(), nn.Conv2d(ch, out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def embed(self, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The embedding every residual block sees; the conditional model adds the class to it."""
+        return self.time_mlp(timestep_embedding(t, self.model_channels))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        emb = self.embed(t, y)
+        h = self.input_conv(x)
+        skips = [h]
+        for level in self.down:
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, emb))
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+        h = self.mid_blocks[1](self.mid_attn(self.mid_blocks[0](h, emb)), emb)
+        for level in self.up:
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
+            if level.resample is not None:
+                h = level.resample(h, skips[-1].shape[-2:])
+        return self.out(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# The diffusion process
+# ----------------------------------------------------------------------------------------------
+
+def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
+    """Linear 1e-4..0.02 (Ho et al., scaled to T) or cosine (Nichol & Dhariwal 2021), in float64."""
+    if schedule == "linear":
+        scale = 1000 / timesteps  # keeps the total noise of the T=1000 schedule for other T
+        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {schedule!r}")
+
+
+def make_generator(seed_or_generator, device) -> Optional[torch.Generator]:
+    """A torch.Generator on `device` from a seed, or the generator itself, or None (global RNG)."""
+    if seed_or_generator is None or isinstance(seed_or_generator, torch.Generator):
+        return seed_or_generator
+    return torch.Generator(device=device).manual_seed(int(seed_or_generator))
+
+
+def select_timesteps(timesteps: int, steps: int, spacing: str = "uniform", alphas_cumprod=None) -> list:
+    """`steps` decreasing timesteps out of 0..T-1 for the few-step samplers.
+
+    uniform: evenly spaced from T-1 to 0 inclusive; leading: 0, k, 2k, ... (the DDIM paper);
+    trailing: T-1, T-1-k, ... (Lin et al. 2024); logsnr: evenly spaced in log-SNR between T-1 and 0
+    (Lu et al. 2022), which puts more steps at low noise, where small images get their detail.
+    """
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps must be between 1 and {timesteps}, got {steps}")
+    if spacing == "uniform":
+        ts = torch.linspace(timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    elif spacing == "leading":
+        ts = list(range(0, timesteps, timesteps // steps))[:steps][::-1]
+    elif spacing == "trailing":
+        ts = [round(timesteps - 1 - i * timesteps / steps) for i in range(steps)]
+    elif spacing == "logsnr":
+        log_snr = torch.log(alphas_cumprod.double() / (1 - alphas_cumprod.double())).cpu()  # decreasing in t
+        targets = torch.linspace(log_snr[-1].item(), log_snr[0].item(), steps, dtype=torch.float64)
+        ts = torch.searchsorted(-log_snr, -targets).clamp(max=timesteps - 1).tolist()
+        for i in range(steps - 2, -1, -1):  # keep them distinct where log-SNR is steep (near t=0)
+            ts[i] = max(ts[i], ts[i + 1] + 1)
+        if ts[0] > timesteps - 1:
+            raise ValueError(f"{steps} steps do not fit log-SNR spacing over {timesteps} timesteps; use uniform")
+    else:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    return ts
+
+
+class GaussianDiffusion(nn.Module):
+    """Forward process q(x_t | x_0), the training loss and the DDPM / DDIM / DPM-Solver++ samplers.
+
+    A module only so that `.to(device)` moves the schedule tensors with it; it has no parameters.
+    """
+
+    def __init__(self, timesteps: int = 1000, beta_schedule: str = "linear", prediction: str = "eps"):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.config = dict(timesteps=timesteps, beta_schedule=beta_schedule, prediction=prediction)
+        self.timesteps, self.prediction = timesteps, prediction
+        betas = make_betas(beta_schedule, timesteps)
+        alphas = 1 - betas
+        ac = torch.cumprod(alphas, 0)
+        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        posterior_var = betas * (1 - ac_prev) / (1 - ac)
+        schedule = dict(
+            betas=betas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
+            sqrt_ac=ac.sqrt(), sqrt_one_minus_ac=(1 - ac).sqrt(),
+            posterior_variance=posterior_var,
+            # var is 0 at t=0; the log uses the t=1 value there, as in Ho et al.'s code.
+            posterior_log_variance=torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]])),
+            posterior_mean_coef_x0=betas * ac_prev.sqrt() / (1 - ac),
+            posterior_mean_coef_xt=(1 - ac_prev) * alphas.sqrt() / (1 - ac),
+        )
+        for name, value in schedule.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    @staticmethod
+    def _at(arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """arr[t] shaped to broadcast against a batch x."""
+        return arr[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self._at(self.sqrt_ac, t, x0) * x0 + self._at(self.sqrt_one_minus_ac, t, x0) * noise
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        return self._at(self.sqrt_ac, t, x0) * noise - self._at(self.sqrt_one_minus_ac, t, x0) * x0
+
+    def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: Optional[dict] = None,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """MSE between the network's output and the prediction target at uniformly drawn timesteps."""
+        t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        out = model(self.q_sample(x0, t, noise), t, **(model_kwargs or {}))
+        return F.mse_loss(out.float(), self.target(x0, t, noise).float())
+
+    def posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Mean and variance of q(x_{t-1} | x_t, x_0)."""
+        mean = self._at(self.posterior_mean_coef_x0, t, x_t) * x0 + self._at(self.posterior_mean_coef_xt, t, x_t) * x_t
+        return mean, self._at(self.posterior_variance, t, x_t)
+
+    def predict_eps_x0(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Turn the network's output, whatever its target, into (eps, x0) predictions."""
+        a, s = self._at(self.sqrt_ac, t, x_t), self._at(self.sqrt_one_minus_ac, t, x_t)
+        if self.prediction == "eps":
+            return model_out, (x_t - s * model_out) / a
+        if self.prediction == "x0":
+            return (x_t - a * model_out) / s, model_out
+        return s * x_t + a * model_out, a * x_t - s * model_out
+
+    # ------------------------------------------------------------------------------------------
+    # Samplers. Each is a generator of (t, x_t) pairs driven by `sample`, which owns the noise,
+    # the progress bar and the intermediates.
+    # ------------------------------------------------------------------------------------------
+
+    def _denoise(self, model, x, t_int, model_kwargs, clip_denoised):
+        t = torch.full((x.shape[0],), t_int, device=x.device, dtype=torch.long)
+        eps, x0 = self.predict_eps_x0(model(x, t, **model_kwargs).to(x.dtype), x, t)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - self._at(self.sqrt_ac, t, x) * x0) / self._at(self.sqrt_one_minus_ac, t, x)
+        return t, eps, x0
+
+    def _ddpm_steps(self, model, x, model_kwargs, generator, clip_denoised, **_):
+        """Ancestral sampling over all T steps with the posterior variance (beta tilde)."""
+        for t_int in reversed(range(self.timesteps)):
+            t, _, x0 = self._denoise(model, x, t_int, model_kwargs, clip_denoised)
+            mean, var = self.posterior_mean_variance(x0, x, t)
+            if t_int > 0:
+                x = mean + var.sqrt() * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            else:
+                x = mean
+            yield t_int, x
+
+    def _ddim_steps(self, model, x, model_kwargs, generator, clip_denoised, steps=50, eta=0.0,
+                    spacing="uniform", **_):
+        """DDIM (Song et al. 2021): eta=0 is deterministic, eta=1 matches DDPM's variance."""
+        ts = select_timesteps(self.timesteps, steps, spacing, self.alphas_cumprod)
+        for i, t_int in enumerate(ts):
+            t, eps, x0 = self._denoise(model, x, t_int, model_kwargs, clip_denoised)
+            ac = self.alphas_cumprod[t_int]
+            ac_prev = self.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(ac)
+            sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt()
+            x = ac_prev.sqrt() * x0 + (1 - ac_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+            if eta > 0 and i + 1 < len(ts):
+                x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            yield t_int, x
+
+    def _dpm_solver_steps(self, model, x, model_kwargs, generator, clip_denoised, steps=20,
+                          spacing="uniform", **_):
+        """DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in log-SNR on x0 predictions.
+
+        The last step, to the clean image, is first order (it returns the x0 prediction).
+        """
+        ts = select_timesteps(self.timesteps, steps, spacing, self.alphas_cumprod)
+        ac = self.alphas_cumprod
+        lam = lambda t_int: 0.5 * (torch.log(ac[t_int]) - torch.log1p(-ac[t_int]))  # log(alpha/sigma)
+        prev_x0, prev_h = None, None
+        for i, t_int in enumerate(ts):
+            _, _, x0 = self._denoise(model, x, t_int, model_kwargs, clip_denoised)
+            if i + 1 == len(ts):
+                x = x0
+            else:
+                t_next = ts[i + 1]
+                h = lam(t_next) - lam(t_int)
+                alpha_next, sigma_ratio = ac[t_next].sqrt(), ((1 - ac[t_next]) / (1 - ac[t_int])).sqrt()
+                d = x0 if prev_x0 is None else x0 + (x0 - prev_x0) * (h / (2 * prev_h))
+                x = sigma_ratio * x - alpha_next * torch.expm1(-h) * d
+                prev_x0, prev_h = x0, h
+            yield t_int, x
+
+    @torch.no_grad()
+    def sample(self, model: Callable, shape: Sequence[int], method: str = "ddpm", steps: Optional[int] = None,
+               eta: float = 0.0, spacing: Optional[str] = None, model_kwargs: Optional[dict] = None,
+               generator=None, x_T: Optional[torch.Tensor] = None, clip_denoised: bool = True,
+               progress: bool = False, return_intermediates: bool = False, device=None):
+        """Draw samples with `method` in METHODS.
+
+        generator: a seed or a torch.Generator (on the sampling device) for reproducible samples.
+        steps: network evaluations for ddim (default 50) and dpm_solver (default 20); ddpm uses all T.
+        spacing: of the few-step samplers' timesteps (SPACINGS); default uniform for ddim, logsnr for
+            dpm_solver, whose second-order steps go unstable on the uneven log-SNR gaps of uniform spacing.
+        Returns x_0, or (x_0, [(t, x_t), ...]) over every step when return_intermediates is set.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        device = device or self.betas.device
+        generator = make_generator(generator, device)
+        x = x_T if x_T is not None else torch.randn(tuple(shape), device=device, generator=generator)
+        step_fns = {"ddpm": self._ddpm_steps, "ddim": self._ddim_steps, "dpm_solver": self._dpm_solver_steps}
+        kwargs = dict(eta=eta, spacing=spacing or ("logsnr" if method == "dpm_solver" else "uniform"))
+        if steps is not None:
+            kwargs["steps"] = steps
+        loop = step_fns[method](model, x, model_kwargs or {}, generator, clip_denoised, **kwargs)
+        total = self.timesteps if method == "ddpm" else (steps or (50 if method == "ddim" else 20))
+        intermediates = [(self.timesteps, x)]
+        if progress:
+            from tqdm.auto import tqdm
+            loop = tqdm(loop, total=total, desc=f"sampling ({method})", leave=False)
+        for t_int, x in loop:
+            if return_intermediates:
+                intermediates.append((t_int, x))
+        return (x, intermediates) if return_intermediates else x

@@ -1,0 +1,126 @@
+"""The U-Net, the conditional model and the checkpoint format."""
+import os
+
+import pytest
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from conditional_ddpm import ConditionalUNet, GuidedModel, drop_labels
+from ddpm_model import GaussianDiffusion, UNet
+
+TINY = dict(model_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attention_resolutions=(14,), dropout=0.0)
+
+
+@pytest.mark.parametrize("size,attn", [(28, (14,)), (32, (16,)), (28, (7, 4))])
+@pytest.mark.parametrize("mult", [(1,), (1, 2), (1, 2, 2), (1, 2, 2, 2), (1, 1, 2, 2, 2)])
+def test_unet_output_shape_equals_input(size, attn, mult):
+    net = UNet(**{**TINY, "channel_mult": mult, "attention_resolutions": attn, "image_size": size})
+    x = torch.randn(2, 1, size, size)
+    assert net(x, torch.tensor([0, 999])).shape == x.shape
+
+
+def test_unet_attention_sits_where_asked():
+    net = UNet(**{**TINY, "attention_resolutions": (14,)})
+    n_attn = sum(type(m).__name__ == "SelfAttention" for m in net.modules())
+    # level 1 (14x14): 1 down block + 2 up blocks, plus the one in the middle
+    assert n_attn == 1 + 2 + 1
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    net = ConditionalUNet(num_classes=10, **TINY)
+    for p in net.parameters():  # zero-initialised output layers would block gradients to everything before them
+        torch.nn.init.normal_(p, std=0.05)
+    net(torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 100, 999]), torch.tensor([0, 3, 9, 10])).square().mean().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
+
+
+def test_time_and_class_change_the_output():
+    torch.manual_seed(0)
+    net = ConditionalUNet(num_classes=10, **TINY).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 1, 28, 28)
+    out = lambda t, y: net(x, torch.tensor([t]), torch.tensor([y]))
+    assert not torch.allclose(out(10, 3), out(500, 3))
+    assert not torch.allclose(out(10, 3), out(10, 4))
+    assert not torch.allclose(out(10, 3), out(10, 10))  # the null class is a class of its own
+
+
+def test_activation_choice():
+    assert any(isinstance(m, torch.nn.SiLU) for m in UNet(**TINY, activation="silu").modules())
+    assert any(isinstance(m, torch.nn.ReLU) for m in UNet(**TINY).modules())
+    with pytest.raises(ValueError):
+        UNet(**TINY, activation="gelu")
+
+
+def test_default_model_size():
+    n = sum(p.numel() for p in UNet().parameters())
+    assert 30e6 < n < 40e6, n  # the README states the exact count: 35.7M (with attention at 14x14)
+
+
+def test_drop_labels_rate():
+    y = torch.zeros(100_000, dtype=torch.long)
+    dropped = drop_labels(y, 0.1, null_class=10, generator=torch.Generator().manual_seed(0))
+    assert set(dropped.unique().tolist()) == {0, 10}
+    assert abs((dropped == 10).float().mean().item() - 0.1) < 0.005
+    assert torch.equal(drop_labels(y, 0.0, 10), y)
+
+
+def test_guided_model_formula():
+    f = lambda x, t, y: x * 0 + y.view(-1, 1, 1, 1).float()  # returns its label
+    x, t, y = torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), torch.tensor([1, 2, 3])
+    out = GuidedModel(f, 2.0, null_class=10)(x, t, y)
+    torch.testing.assert_close(out[:, 0, 0, 0], 3.0 * y.float() - 2.0 * 10)
+    torch.testing.assert_close(GuidedModel(f, 0.0, null_class=10)(x, t, y)[:, 0, 0, 0], y.float())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def make_checkpoint(path, conditional=False):
+    model = ConditionalUNet(num_classes=10, **TINY) if conditional else UNet(**TINY)
+    ema = ConditionalUNet(num_classes=10, **TINY) if conditional else UNet(**TINY)
+    for p in ema.parameters():
+        torch.nn.init.normal_(p)
+    diffusion = GaussianDiffusion(100, "cosine", "v")
+    save_checkpoint(str(path), model, ema, diffusion, step=7, epoch=1, config={"lr": 1e-3})
+    return model, ema
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_checkpoint_round_trip(tmp_path, conditional):
+    path = tmp_path / "ckpt.pth"
+    model, ema = make_checkpoint(path, conditional)
+    ckpt = load_checkpoint(str(path), conditional=conditional)
+    assert ckpt["step"] == 7 and ckpt["config"] == {"lr": 1e-3}
+    loaded, diffusion = model_from_checkpoint(ckpt)
+    assert type(loaded) is type(model) and not loaded.training
+    assert diffusion.config == dict(timesteps=100, beta_schedule="cosine", prediction="v")
+    for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()):
+        assert torch.equal(a, b)
+    raw, _ = model_from_checkpoint(ckpt, use_ema=False)
+    for a, b in zip(raw.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # the atomic write cleaned up
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    good = tmp_path / "good.pth"
+    make_checkpoint(good, conditional=True)
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint(str(tmp_path / "missing.pth"))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_checkpoint(str(text))
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(str(truncated))
+    other = tmp_path / "weights.pth"
+    torch.save({"weight": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="not a DDPM checkpoint"):
+        load_checkpoint(str(other))
+    with pytest.raises(CheckpointError, match="is a conditional checkpoint"):
+        load_checkpoint(str(good), conditional=False)
