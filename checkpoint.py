@@ -12,7 +12,9 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
     train_state            optimizer, LR schedule, AMP scaler, RNG states (for exact resume)
     config                 the training run's full configuration
 """
+import json
 import os
+import pickle
 import tempfile
 from typing import Optional
 
@@ -37,6 +39,7 @@ def atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result should read like any other file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -50,7 +53,8 @@ def save_checkpoint(path: str, model: torch.nn.Module, ema: torch.nn.Module, dif
     state = dict(format=FORMAT, version=VERSION, model_config=dict(model.config),
                  diffusion_config=dict(diffusion.config), conditional=isinstance(model, ConditionalUNet),
                  model=model.state_dict(), ema=ema.state_dict(), step=int(step), epoch=int(epoch),
-                 train_state=train_state or {}, config=config or {})
+                 train_state=train_state or {},
+                 config=json.loads(json.dumps(config or {})))  # plain types only, or weights_only loading fails
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -62,6 +66,9 @@ def load_checkpoint(path: str, conditional: Optional[bool] = None, map_location=
         is_zip = f.read(4) == b"PK\x03\x04"
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects that cannot be loaded safely with weights_only=True "
+                              f"({str(e).splitlines()[-1][:160]})") from None
     except Exception as e:
         problem = "is truncated or corrupt" if is_zip else "is not a PyTorch checkpoint"
         raise CheckpointError(f"{path} {problem} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None

