@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import trainer as training
 from ddpm_model import UNet
-from sampling import pick_device
+from sampling import HelpFormatter, pick_device
 
 
 def sync(device):
@@ -122,7 +122,7 @@ def bench_diffusers(config, device, args, autocast):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=None, help="default: 128 on CUDA, 32 on the CPU")
     p.add_argument("--sample_batch", type=int, default=None, help="default: 256 on CUDA, 64 on the CPU")

@@ -66,12 +66,14 @@ def load_checkpoint(path: str, conditional: Optional[bool] = None, map_location=
         is_zip = f.read(4) == b"PK\x03\x04"
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects that cannot be loaded safely with weights_only=True "
-                              f"({str(e).splitlines()[-1][:160]})") from None
     except Exception as e:
-        problem = "is truncated or corrupt" if is_zip else "is not a PyTorch checkpoint"
-        raise CheckpointError(f"{path} {problem} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        if not is_zip:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint") from None
+        if isinstance(e, pickle.UnpicklingError):
+            detail = next((line for line in lines if "Unsupported global" in line), lines[-1])
+            raise CheckpointError(f"{path} holds objects that weights_only=True refuses to load ({detail[:160]})") from None
+        raise CheckpointError(f"{path} is truncated or corrupt ({lines[0][:120]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not a DDPM checkpoint of this repository")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]

@@ -230,10 +230,11 @@ def select_timesteps(timesteps: int, steps: int, spacing: str = "uniform", alpha
         log_snr = torch.log(alphas_cumprod.double() / (1 - alphas_cumprod.double())).cpu()  # decreasing in t
         targets = torch.linspace(log_snr[-1].item(), log_snr[0].item(), steps, dtype=torch.float64)
         ts = torch.searchsorted(-log_snr, -targets).clamp(max=timesteps - 1).tolist()
-        for i in range(steps - 2, -1, -1):  # keep them distinct where log-SNR is steep (near t=0)
-            ts[i] = max(ts[i], ts[i + 1] + 1)
-        if ts[0] > timesteps - 1:
-            raise ValueError(f"{steps} steps do not fit log-SNR spacing over {timesteps} timesteps; use uniform")
+        # Make them distinct where log-SNR is steep: strictly decreasing from the top, and never below
+        # the room the remaining steps need at the bottom (the max of two decreasing sequences decreases).
+        for i in range(1, steps):
+            ts[i] = min(ts[i], ts[i - 1] - 1)
+        ts = [max(t, steps - 1 - i) for i, t in enumerate(ts)]
     else:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     return ts

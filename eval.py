@@ -20,7 +20,7 @@ import utils
 from data import load_mnist, to_uint8
 from ddpm_model import METHODS
 from metrics import Evaluator
-from sampling import (UserError, add_sampling_args, default_output_dir, generate, guarded, load_model, method_steps,
+from sampling import (HelpFormatter, UserError, add_sampling_args, default_output_dir, generate, guarded, load_model, method_steps,
                       pick_device)
 
 REPORT_KEYS = ("fid_inception", "is_inception_mean", "is_inception_std", "fid_mnist", "is_mnist_mean",
@@ -29,7 +29,7 @@ REPORT_KEYS = ("fid_inception", "is_inception_mean", "is_inception_std", "fid_mn
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a DDPM checkpoint, a set of samples, or real MNIST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_sampling_args(p, methods=METHODS)
     p.set_defaults(batch_size=50)
     p.add_argument("--num_samples", type=int, default=1000, help="samples to generate (or real images to take)")
@@ -126,7 +126,7 @@ def main(argv=None):
     settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"))
     labels = None
     if args.model_path:
-        ckpt, model, diffusion, device = load_model(args)
+        ckpt, model, diffusion, device = load_model(args, [args.method])
         save_dir = args.save_dir or default_output_dir(args.model_path, "eval")
         settings.update(source=args.model_path, method=args.method, steps=method_steps(args, args.method) or diffusion.timesteps,
                         eta=args.eta, guidance_scale=args.guidance_scale if ckpt["conditional"] else None,

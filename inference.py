@@ -15,13 +15,13 @@ import torch
 import utils
 from data import to_uint8
 from ddpm_model import METHODS, make_generator
-from sampling import (UserError, add_sampling_args, default_output_dir, generate, guarded, load_model,
+from sampling import (HelpFormatter, UserError, add_sampling_args, default_output_dir, generate, guarded, load_model,
                       method_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate images from a trained DDPM checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_sampling_args(p, methods=METHODS + ("both",))
     p.add_argument("--num_samples", type=int, default=16,
                    help="images to generate; for conditional models, images per label (one grid row each)")
@@ -69,9 +69,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
-    ckpt, model, diffusion, device = load_model(args)
-    row_labels = parse_labels(args, model)
     methods = ["ddpm", "ddim"] if args.method == "both" else [args.method]
+    uses_ddim = args.interpolation or args.comparison
+    ckpt, model, diffusion, device = load_model(args, methods + (["ddim"] if uses_ddim else []))
+    row_labels = parse_labels(args, model)
     out_dir = args.output_dir or default_output_dir(args.model_path, "inference")
     os.makedirs(out_dir, exist_ok=True)
 

@@ -2,6 +2,7 @@
 evaluation), inference.py and eval.py share, with the command-line pieces the last two have in common."""
 import argparse
 import contextlib
+import copy
 import os
 import sys
 from typing import Optional
@@ -16,6 +17,16 @@ from ddpm_model import METHODS, make_generator
 
 class UserError(Exception):
     """Bad input: reported as one line with exit code 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's layout and lists every flag's default, also for flags without help."""
+
+    def _format_action(self, action):
+        if action.option_strings and not action.help and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"  # argparse leaves flags without help bare
+        return super()._format_action(action)
 
 
 def fail(message: str):
@@ -56,17 +67,19 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS) -> None:
     p.add_argument("--no_ema", action="store_true", help="sample the raw weights instead of the EMA")
 
 
-def load_model(args):
-    """(checkpoint, model, diffusion, device) for --model_path, or UserError/CheckpointError."""
+def load_model(args, methods):
+    """(checkpoint, model, diffusion, device) for --model_path, or UserError/CheckpointError.
+
+    `methods` are the samplers the command will run: only their step counts are checked.
+    """
     if not args.model_path:
         raise UserError("--model_path is required")
     ckpt = load_checkpoint(args.model_path)
     model, diffusion = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
     T = diffusion.timesteps
-    if not 1 <= args.ddim_steps <= T:
-        raise UserError(f"--ddim_steps must be between 1 and the model's {T} timesteps, got {args.ddim_steps}")
-    if not 1 <= args.steps <= T:
-        raise UserError(f"--steps must be between 1 and the model's {T} timesteps, got {args.steps}")
+    for method, flag in (("ddim", "ddim_steps"), ("dpm_solver", "steps")):
+        if method in methods and not 1 <= getattr(args, flag) <= T:
+            raise UserError(f"--{flag} must be between 1 and the model's {T} timesteps, got {getattr(args, flag)}")
     if args.eta < 0:
         raise UserError(f"--eta must not be negative, got {args.eta}")
     if args.batch_size < 1:

@@ -14,11 +14,12 @@ from tqdm.auto import tqdm
 from checkpoint import atomic_write
 from data import load_mnist
 from metrics import CLASSIFIER_PATH, MnistClassifier, classifier_outputs
+from sampling import HelpFormatter
 from utils import write_json
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)

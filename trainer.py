@@ -24,7 +24,7 @@ from conditional_ddpm import drop_labels
 from data import DataError, load_mnist, to_model_range, to_uint8
 from metrics import Evaluator
 from ddpm_model import BETA_SCHEDULES, METHODS, PREDICTIONS, GaussianDiffusion
-from sampling import UserError, digit_rows, generate, pick_device
+from sampling import HelpFormatter, UserError, digit_rows, generate, pick_device
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,9 +44,9 @@ def int_list(text: str) -> list:
 
 
 def build_parser(conditional: bool) -> argparse.ArgumentParser:
-    kind = "class-conditional" if conditional else "unconditional"
-    p = argparse.ArgumentParser(description=f"Train a {kind} DDPM on MNIST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    kind = "a class-conditional" if conditional else "an unconditional"
+    p = argparse.ArgumentParser(description=f"Train {kind} DDPM on MNIST.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named configuration; flags given on the command line override it. "
                         "cpu: " + ", ".join(f"{k}={v}" for k, v in PRESETS["cpu"].items()))

@@ -111,7 +111,7 @@ def plot_denoising_process(intermediates, path: str, frames: int = 10, rows: int
         t, x = intermediates[i]
         for row in range(rows):
             ax = axes[row][col]
-            ax.imshow(as_unit_range(x[row:row + 1].cpu())[0, 0], cmap="gray", vmin=0, vmax=1)
+            ax.imshow(as_unit_range(x[row:row + 1].cpu())[0, 0].numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:

@@ -73,6 +73,13 @@ def test_timestep_spacings():
     assert select_timesteps(1000, 5, "leading") == [800, 600, 400, 200, 0]
     assert select_timesteps(1000, 5, "trailing") == [999, 799, 599, 399, 199]
     assert select_timesteps(1000, 1000, "uniform") == list(range(999, -1, -1))
+    ac = GaussianDiffusion(1000).alphas_cumprod
+    for T, steps in ((1000, 20), (1000, 1000), (20, 3), (20, 20), (10, 1)):
+        ts = select_timesteps(T, steps, "logsnr", GaussianDiffusion(T).alphas_cumprod)
+        assert len(set(ts)) == steps and ts == sorted(ts, reverse=True) and 0 <= ts[-1] and ts[0] <= T - 1
+    log_snr = (ac / (1 - ac)).log()
+    gaps = (log_snr[select_timesteps(1000, 20, "logsnr", ac)]).diff()
+    assert gaps.std() < 0.1 * gaps.abs().mean()  # evenly spaced in log-SNR
     with pytest.raises(ValueError):
         select_timesteps(1000, 1001)
 

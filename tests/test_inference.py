@@ -89,8 +89,10 @@ def test_same_seed_same_output(checkpoints, tmp_path):
     (["--model_path", "missing.pth"], "no such file"),
     (["--conditional"], "need a conditional checkpoint"),
     (["--class_labels", "1,2"], "need a conditional checkpoint"),
-    (["--ddim_steps", "0"], "--ddim_steps must be between 1"),
-    (["--ddim_steps", "21"], "--ddim_steps must be between 1"),
+    (["--method", "ddim", "--ddim_steps", "0"], "--ddim_steps must be between 1"),
+    (["--method", "both", "--ddim_steps", "21"], "--ddim_steps must be between 1"),
+    (["--comparison", "--ddim_steps", "21"], "--ddim_steps must be between 1"),
+    (["--method", "dpm_solver", "--steps", "0"], "--steps must be between 1"),
     (["--eta", "-0.5"], "--eta must not be negative"),
     (["--num_samples", "0"], "--num_samples must be at least 1"),
 ])

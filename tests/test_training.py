@@ -1,6 +1,7 @@
 """End-to-end training runs on a tiny model with the real MNIST shipped in the repository."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -165,7 +166,9 @@ def test_bad_resume_and_existing_directory(capsys, train_flags, tmp_path):
 
 def test_cli_help_shows_defaults():
     out = subprocess.run([sys.executable, os.path.join(REPO, "train_conditional.py"), "--help"],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"}).stdout
     for flag in ("--epochs", "--num_classes", "--p_uncond", "--preset", "--resume", "--time_budget"):
         assert flag in out
-    assert "(default: 100)" in out and "(default: 0.0002)" in out
+    for flag, default in (("--epochs EPOCHS", "100"), ("--lr LR", "0.0002"), ("--num_classes NUM_CLASSES", "10"),
+                          ("--batch_size BATCH_SIZE", "128"), ("--save_freq SAVE_FREQ", "10")):
+        assert re.search(re.escape(flag) + r"\s+(\S.*?)?\(default: " + re.escape(default) + r"\)", out), flag
