@@ -285,10 +285,14 @@ class GaussianDiffusion(nn.Module):
         return self._at(self.sqrt_ac, t, x0) * noise - self._at(self.sqrt_one_minus_ac, t, x0) * x0
 
     def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: Optional[dict] = None,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """MSE between the network's output and the prediction target at uniformly drawn timesteps."""
-        t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+                      generator: Optional[torch.Generator] = None, t: Optional[torch.Tensor] = None,
+                      noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """MSE between the network's output and the prediction target at uniformly drawn timesteps
+        (or at the given t, with the given noise)."""
+        if t is None:
+            t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         out = model(self.q_sample(x0, t, noise), t, **(model_kwargs or {}))
         return F.mse_loss(out.float(), self.target(x0, t, noise).float())
 

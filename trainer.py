@@ -17,6 +17,8 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import utils
 from checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
@@ -24,7 +26,7 @@ from conditional_ddpm import drop_labels
 from data import DataError, load_mnist, to_model_range, to_uint8
 from metrics import Evaluator
 from ddpm_model import BETA_SCHEDULES, METHODS, PREDICTIONS, GaussianDiffusion
-from sampling import HelpFormatter, UserError, digit_rows, generate, pick_device
+from sampling import HelpFormatter, UserError, digit_rows, fail, generate, pick_device
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,6 +36,8 @@ PRESETS = {
                 dropout=0.0, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999, epochs=1,
                 save_freq=1, eval_freq=1, eval_samples=200, time_budget=9.5),
 }
+# Why a run stops, in increasing strength: under DDP every rank adopts the strongest reason any rank has.
+STOP_REASONS = (None, "max_steps", "time_budget", "SIGINT", "SIGTERM")
 # What a resumed run may change; everything else comes from the checkpoint's config.
 RESUME_OVERRIDES = ("epochs", "max_steps", "time_budget", "device", "save_freq", "eval_freq", "log_every",
                     "compile", "amp", "eval_samples")
@@ -140,11 +144,31 @@ def model_config(args) -> dict:
     return config
 
 
+def init_distributed():
+    """(rank, world size, local rank) from torchrun's environment; starts the process group when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, local_rank
+
+
 class Trainer:
-    def __init__(self, args, conditional: bool, exp_dir: str, ckpt=None):
+    def __init__(self, args, conditional: bool, exp_dir: str, ckpt=None, rank: int = 0, world: int = 1,
+                 local_rank: int = 0):
         self.args, self.conditional, self.exp_dir = args, conditional, exp_dir
+        self.rank, self.world, self.is_main = rank, world, rank == 0
+        if args.batch_size % world:
+            raise UserError(f"--batch_size {args.batch_size} (the global batch) must divide among {world} processes")
         self.device = pick_device(args.device)
-        torch.manual_seed(args.seed)
+        if self.device.type == "cuda" and world > 1:
+            self.device = torch.device("cuda", local_rank)
+        torch.manual_seed(args.seed + rank)  # dropout differs per rank
         images, labels = load_mnist(args.data_dir, train=True)
         # The whole training set lives on the device as uint8 and is indexed per batch.
         self.images, self.labels = images.to(self.device), labels.to(self.device)
@@ -156,7 +180,11 @@ class Trainer:
 
         self.model = build_model(model_config(args), conditional).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.net = torch.compile(self.model) if args.compile else self.model
+        self.net = self.model
+        if world > 1:  # gradients averaged across ranks; checkpoints keep the bare model (no "module.")
+            self.net = DistributedDataParallel(self.model, device_ids=[local_rank] if self.device.type == "cuda" else None)
+        if args.compile:
+            self.net = torch.compile(self.net)
         self.diffusion = GaussianDiffusion(args.timesteps, args.beta_schedule, args.prediction).to(self.device)
         cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -227,13 +255,21 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
 
     def train_step(self, idx: torch.Tensor) -> tuple:
-        args = self.args
+        """One optimizer step on the global batch `idx`; under DDP each rank takes every world-th image.
+
+        Timesteps, noise and label dropout are drawn for the whole global batch from one generator and
+        sliced, so each rank gets its own draws and N ranks reproduce the single-process run.
+        """
+        args, share = self.args, slice(self.rank, None, self.world)
         x0 = to_model_range(self.images[idx])
+        t = torch.randint(0, args.timesteps, (len(idx),), device=self.device, generator=self.noise_gen)
+        noise = torch.randn(x0.shape, device=self.device, generator=self.noise_gen)
         kwargs = {}
         if self.conditional:
-            kwargs["y"] = drop_labels(self.labels[idx], args.p_uncond, self.model.null_class, self.noise_gen)
+            y = drop_labels(self.labels[idx], args.p_uncond, self.model.null_class, self.noise_gen)
+            kwargs["y"] = y[share]
         with self.autocast():
-            loss = self.diffusion.training_loss(self.net, x0, kwargs, generator=self.noise_gen)
+            loss = self.diffusion.training_loss(self.net, x0[share], kwargs, t=t[share], noise=noise[share])
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -311,24 +347,66 @@ class Trainer:
         print(f"\n{self.stop_reason} received: finishing this step, then saving last.pth", flush=True)
 
     def out_of_budget(self, session_start: float) -> bool:
+        """Whether to stop after this step; under DDP every rank adopts the strongest reason any rank has."""
         a = self.args
         if a.max_steps is not None and self.step >= a.max_steps:
             self.stop_reason = self.stop_reason or "max_steps"
         if a.time_budget is not None and self.elapsed + time.perf_counter() - session_start >= 60 * a.time_budget:
             self.stop_reason = self.stop_reason or "time_budget"
+        if self.world > 1:
+            code = torch.tensor(STOP_REASONS.index(self.stop_reason), device=self.device)
+            dist.all_reduce(code, op=dist.ReduceOp.MAX)
+            self.stop_reason = STOP_REASONS[int(code)]
         return self.stop_reason is not None
+
+    def log(self, writer, window: dict, grad_norm, bar, interactive: bool):
+        """Read the loss (the only host sync of the loop), check it, and report it."""
+        loss = window["loss"] / window["steps"]
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss = loss / self.world
+        loss = loss.item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {self.step}; last.pth keeps the last good state")
+        images_per_sec = window["steps"] * self.args.batch_size / (time.perf_counter() - window["t"])
+        if self.is_main:
+            lr = self.scheduler.get_last_lr()[0]
+            for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm.item()),
+                                ("images_per_sec", images_per_sec)):
+                writer.add_scalar(f"train/{name}", value, self.step)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_sec:.0f}")
+            if not interactive:
+                print(f"epoch {self.epoch + 1} step {self.step} loss {loss:.4f} lr {lr:.2e} "
+                      f"{images_per_sec:.0f} img/s", flush=True)
+        self.history["step"].append(self.step)
+        self.history["loss"].append(loss)
+        return loss, images_per_sec
+
+    def end_of_epoch(self, writer, final: bool, finished_epoch: bool) -> None:
+        """Evaluation, sample grid and last.pth on rank 0 when due; the other ranks wait for it."""
+        a = self.args
+        if self.is_main:
+            if final or (finished_epoch and self.epoch % a.eval_freq == 0):
+                metrics = self.evaluate(writer)
+                print("evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+            if final or (finished_epoch and self.epoch % a.save_freq == 0):
+                self.write_samples(writer)
+                self.save("last.pth")
+                self.write_visualizations()
+        if self.world > 1:
+            dist.barrier()
 
     def train(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
         a = self.args
-        writer = SummaryWriter(os.path.join(self.exp_dir, "logs"), purge_step=self.step or None)
+        writer = SummaryWriter(os.path.join(self.exp_dir, "logs"), purge_step=self.step or None) if self.is_main else None
         handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        interactive = sys.stdout.isatty()
+        interactive = sys.stdout.isatty() and self.is_main
         session_start = time.perf_counter()
-        window = {"loss": torch.zeros((), device=self.device), "steps": 0, "t": time.perf_counter()}
-        last_loss, images_per_sec = None, None
+        new_window = lambda: {"loss": torch.zeros((), device=self.device), "steps": 0, "t": time.perf_counter()}
+        window, last_loss, images_per_sec = new_window(), None, None
         try:
             self.out_of_budget(session_start)
             while self.epoch < a.epochs and self.stop_reason is None:
@@ -348,54 +426,34 @@ class Trainer:
                     bar.update()
                     stopping = self.out_of_budget(session_start)
                     if self.step % a.log_every == 0 or stopping or self.step_in_epoch == self.steps_per_epoch:
-                        last_loss = window["loss"].item() / window["steps"]  # the only host sync in the loop
-                        if not math.isfinite(last_loss):
-                            raise FloatingPointError(f"loss became {last_loss} at step {self.step}; last.pth "
-                                                     f"keeps the last good state (epoch {self.epoch})")
-                        now = time.perf_counter()
-                        images_per_sec = window["steps"] * a.batch_size / (now - window["t"])
-                        lr = self.scheduler.get_last_lr()[0]
-                        for name, value in (("loss", last_loss), ("lr", lr), ("grad_norm", grad_norm.item()),
-                                            ("images_per_sec", images_per_sec)):
-                            writer.add_scalar(f"train/{name}", value, self.step)
-                        self.history["step"].append(self.step)
-                        self.history["loss"].append(last_loss)
-                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_sec:.0f}")
-                        if not interactive:
-                            print(f"epoch {self.epoch + 1} step {self.step} loss {last_loss:.4f} lr {lr:.2e} "
-                                  f"{images_per_sec:.0f} img/s", flush=True)
-                        window = {"loss": torch.zeros((), device=self.device), "steps": 0, "t": now}
+                        last_loss, images_per_sec = self.log(writer, window, grad_norm, bar, interactive)
+                        window = new_window()
                     if stopping:
                         break
                 bar.close()
                 finished_epoch = self.step_in_epoch == self.steps_per_epoch
                 if finished_epoch:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                final = self.stop_reason is not None or self.epoch >= a.epochs
                 self.elapsed += time.perf_counter() - session_start
-                if final or (finished_epoch and self.epoch % a.eval_freq == 0):
-                    metrics = self.evaluate(writer)
-                    print("evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-                if final or (finished_epoch and self.epoch % a.save_freq == 0):
-                    self.write_samples(writer)
-                    self.save("last.pth")
-                    self.write_visualizations()
+                self.end_of_epoch(writer, self.stop_reason is not None or self.epoch >= a.epochs, finished_epoch)
                 session_start = time.perf_counter()  # evaluation and saving do not count against the budget
             summary = dict(stopped_by=self.stop_reason or "epochs", steps=self.step, epochs=self.epoch,
                            final_loss=last_loss, best_loss=min(self.history["loss"], default=None),
                            best_model=dict(self.best), wall_time_s=round(self.elapsed, 1),
-                           images_per_sec=images_per_sec, device=str(self.device))
-            utils.write_json(os.path.join(self.exp_dir, "summary.json"), summary)
-            if self.stop_reason in ("SIGINT", "SIGTERM"):
-                print(f"stopped by {self.stop_reason}; resume with --resume {os.path.join(self.exp_dir, 'last.pth')}")
+                           images_per_sec=images_per_sec, device=str(self.device), world_size=self.world)
+            if self.is_main:
+                utils.write_json(os.path.join(self.exp_dir, "summary.json"), summary)
+                if self.stop_reason in ("SIGINT", "SIGTERM"):
+                    print(f"stopped by {self.stop_reason}; resume with --resume {os.path.join(self.exp_dir, 'last.pth')}")
             return summary
         finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
-            writer.close()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if writer is not None:
+                writer.close()
 
 
-def setup(args, conditional: bool):
+def setup(args, conditional: bool, world: int = 1, check_new: bool = True):
     """Resolve the experiment directory and configuration; refuse to overwrite an existing run."""
     ckpt = None
     if args.resume:
@@ -408,31 +466,52 @@ def setup(args, conditional: bool):
         kind = "conditional" if conditional else "ddpm"
         args.experiment_name = args.experiment_name or f"{kind}_{datetime.datetime.now():%Y%m%d-%H%M%S}"
         exp_dir = os.path.join(args.output_dir, args.experiment_name)
-        if os.path.exists(exp_dir) and os.listdir(exp_dir):
+        if check_new and os.path.exists(exp_dir) and os.listdir(exp_dir):
             raise UserError(f"{exp_dir} already exists; continue it with --resume {os.path.join(exp_dir, 'last.pth')} "
                             f"or choose another --experiment_name")
     run_args = {k: v for k, v in vars(args).items() if k != "explicit"}
     args.saved_config = dict(args=run_args, preset=PRESETS.get(args.preset), conditional=conditional,
-                             torch=torch.__version__, torchvision=__import__("torchvision").__version__,
-                             git_commit=git_commit(), command=" ".join(sys.argv))
+                             world_size=world, torch=torch.__version__,
+                             torchvision=__import__("torchvision").__version__, git_commit=git_commit(),
+                             command=" ".join(sys.argv))
     return exp_dir, ckpt
 
 
 def main(argv=None, conditional: bool = False) -> dict:
+    """Train; under torchrun every process runs this, and rank 0 alone writes the experiment directory."""
     args = parse_args(argv, conditional)
+    rank, world, local_rank = init_distributed()
     try:
-        exp_dir, ckpt = setup(args, conditional)
-        trainer = Trainer(args, conditional, exp_dir, ckpt)
+        error = None
+        try:
+            if rank == 0:
+                exp_dir, ckpt = setup(args, conditional, world)
+        except (UserError, CheckpointError) as e:
+            error = str(e)
+        if world > 1:  # one decision for all: rank 0's error or experiment name
+            shared = [error, args.experiment_name]
+            dist.broadcast_object_list(shared, src=0)
+            error, args.experiment_name = shared
+            if rank > 0 and error is None:
+                exp_dir, ckpt = setup(args, conditional, world, check_new=False)
+        if error is not None:
+            raise UserError(error)
+        trainer = Trainer(args, conditional, exp_dir, ckpt, rank, world, local_rank)
     except (UserError, CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    utils.write_json(os.path.join(exp_dir, "config.json"), args.saved_config)  # only once the run can start
-    print(f"experiment: {exp_dir} ({trainer.device}, {sum(p.numel() for p in trainer.model.parameters()):,} "
-          f"parameters, {trainer.steps_per_epoch} steps/epoch)", flush=True)
+        fail(str(e))
     try:
+        if trainer.is_main:
+            utils.write_json(os.path.join(exp_dir, "config.json"), args.saved_config)  # once the run can start
+            print(f"experiment: {exp_dir} ({trainer.device} x {world}, "
+                  f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
+                  f"{trainer.steps_per_epoch} steps/epoch)", flush=True)
         summary = trainer.train()
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(json.dumps(summary, indent=2))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if trainer.is_main:
+        print(json.dumps(summary, indent=2))
     return summary
