@@ -11,7 +11,6 @@ DPM-Solver++ (20), peak memory, and achieved FLOP/s against a matmul peak measur
 Warm-up first, then the median of --repeats timings.
 """
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -69,9 +68,8 @@ def bench_ours(name, flags, device, args, image_size=28):
     with tempfile.TemporaryDirectory() as tmp:
         targs = training.parse_args(flags + ["--device", str(device), "--output_dir", tmp, "--batch_size",
                                              str(args.batch_size), "--experiment_name", "bench"], conditional=False)
-        targs.saved_config = {}
         tr = training.Trainer(targs, False, os.path.join(tmp, "bench"))
-    if image_size != 28:  # the same network at another size, for like-for-like comparisons
+    if image_size != 28:  # the same network at 32x32, the size diffusers needs: like for like
         tr.model = UNet(**{**tr.model.config, "image_size": image_size}).to(device)
         tr.net, tr.ema = tr.model, UNet(**tr.model.config).to(device).eval()
         tr.optimizer = torch.optim.AdamW(tr.model.parameters(), lr=1e-4)
@@ -96,12 +94,17 @@ def bench_diffusers(config, device, args, autocast):
     divisible by 2^(levels-1))."""
     from diffusers import UNet2DModel
     mults, mc = config["channel_mult"], config["model_channels"]
-    attn_levels = {i for i in range(len(mults)) if (28 // 2 ** i if i else 28) in config["attention_resolutions"]}
+    attn_levels, res = set(), 28
+    for level in range(len(mults)):  # the levels where ours has attention (28 -> 14 -> 7 -> 4)
+        if res in config["attention_resolutions"]:
+            attn_levels.add(level)
+        res = (res + 1) // 2
     model = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, layers_per_block=config["num_res_blocks"],
                         block_out_channels=tuple(mc * m for m in mults), norm_num_groups=min(32, mc),
                         down_block_types=tuple("AttnDownBlock2D" if i in attn_levels else "DownBlock2D" for i in range(len(mults))),
                         up_block_types=tuple("AttnUpBlock2D" if i in attn_levels else "UpBlock2D" for i in reversed(range(len(mults)))),
-                        act_fn="relu" if config["activation"] == "relu" else "silu", dropout=config["dropout"]).to(device)
+                        act_fn=config["activation"], dropout=config["dropout"],
+                        attention_head_dim=64).to(device)  # ours: heads of 64 channels
     net = lambda x, t: model(x, t).sample
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ema = [p.detach().clone() for p in model.parameters()]

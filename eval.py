@@ -4,6 +4,7 @@ class accuracy and pixel statistics, beside the real-data floor.
     python eval.py --model_path checkpoints/NAME/best_model.pth --num_samples 1000 --batch_size 50
     python eval.py --samples samples.npz          # an npz from inference.py --save_npz, or a PNG folder
     python eval.py --real test                    # the MNIST test split: the floor every model is held to
+    python eval.py --real noised                  # noised (or blurred) test digits, for a sense of scale
 """
 import argparse
 import datetime
@@ -14,6 +15,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import utils
@@ -23,6 +25,18 @@ from metrics import Evaluator
 from sampling import (HelpFormatter, UserError, add_sampling_args, default_output_dir, generate, guarded, load_model, method_steps,
                       pick_device)
 
+def add_noise(images: torch.Tensor, std: float = 60.0) -> torch.Tensor:
+    """Gaussian pixel noise (std in 0..255 units), seeded."""
+    noise = std * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    return (images.float() + noise).clamp(0, 255).round().to(torch.uint8)
+
+
+def blur(images: torch.Tensor, size: int = 5) -> torch.Tensor:
+    """A size x size box blur."""
+    return F.avg_pool2d(images.float()[:, None], size, stride=1, padding=size // 2)[:, 0].round().to(torch.uint8)
+
+
+REAL_SETS = {"test": lambda images: images, "noised": add_noise, "blurred": blur}
 REPORT_KEYS = ("fid_inception", "is_inception_mean", "is_inception_std", "fid_mnist", "is_mnist_mean",
                "is_mnist_std", "precision", "recall", "class_accuracy")
 
@@ -34,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(batch_size=50)
     p.add_argument("--num_samples", type=int, default=1000, help="samples to generate (or real images to take)")
     p.add_argument("--samples", default=None, metavar="PATH", help="evaluate an npz (images, labels) or a PNG folder")
-    p.add_argument("--real", choices=["test"], default=None, help="evaluate the real MNIST test split")
+    p.add_argument("--real", choices=sorted(REAL_SETS), default=None,
+                   help="evaluate the real MNIST test split (test), or degraded copies of it (the floor's scale)")
     p.add_argument("--save_dir", default=None, help="default: eval/ beside the checkpoint (or ./eval)")
     p.add_argument("--data_dir", default="./data")
     p.add_argument("--no_inception", action="store_true", help="skip the (slow on CPU) Inception FID")
@@ -145,8 +160,8 @@ def main(argv=None):
             images, labels = load_samples(args.samples)
             settings["source"] = args.samples
         else:
-            images = load_mnist(args.data_dir, train=False)[0][:args.num_samples]
-            settings["source"] = "MNIST test split"
+            images = REAL_SETS[args.real](load_mnist(args.data_dir, train=False)[0][:args.num_samples])
+            settings["source"] = f"MNIST test split ({args.real})"
         save_dir = args.save_dir or "eval"
         generation_seconds = 0.0
     settings["num_images"] = len(images)
@@ -154,7 +169,7 @@ def main(argv=None):
     evaluator = Evaluator(args.data_dir, inception=not args.no_inception, device=device, progress=True)
     result = evaluator.evaluate(images, labels)
     result["seconds"]["generation"] = generation_seconds
-    floor = None if args.no_floor or args.real else evaluator.floor(len(images), inception=not args.no_inception)
+    floor = None if args.no_floor or args.real == "test" else evaluator.floor(len(images), inception=not args.no_inception)
 
     os.makedirs(save_dir, exist_ok=True)
     metrics = {k: result["metrics"].get(k) for k in REPORT_KEYS if k != "class_accuracy" or labels is not None}

@@ -4,7 +4,6 @@ Every writer goes through a temporary file and a rename, so an interrupted run n
 half-written PNG behind.
 """
 import json
-import os
 from typing import Sequence
 
 import matplotlib

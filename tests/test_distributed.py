@@ -1,0 +1,61 @@
+"""Two CPU processes under torchrun (gloo) against one process with the same global batch."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import inference
+from checkpoint import load_checkpoint
+from conftest import REPO, TINY_FLAGS
+
+# Dropout off: it is the one random draw each rank makes on its own, by design.
+FLAGS = TINY_FLAGS + ["--dropout", "0", "--save_freq", "1"]
+
+
+def torchrun(args, cwd, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(REPO, "train_conditional.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, atol=atol, rtol=1e-4, msg=f"{key}.{name}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    out = ["--output_dir", str(root)]
+    torchrun(FLAGS + out + ["--experiment_name", "two", "--max_steps", "6"], root)
+    torchrun(FLAGS + out + ["--experiment_name", "halves", "--max_steps", "3"], root)
+    torchrun(["--resume", str(root / "halves" / "last.pth"), "--max_steps", "6"], root)
+    subprocess.run([sys.executable, os.path.join(REPO, "train_conditional.py"), *FLAGS, *out,
+                    "--experiment_name", "one", "--max_steps", "6"], cwd=root, check=True, capture_output=True)
+    return root
+
+
+def test_two_processes_match_one_with_the_same_global_batch(runs):
+    assert sorted(os.listdir(runs)) == ["halves", "one", "two"]  # exactly one directory per run
+    two, one = load_checkpoint(str(runs / "two" / "last.pth")), load_checkpoint(str(runs / "one" / "last.pth"))
+    assert two["step"] == one["step"] == 6 and two["config"]["world_size"] == 2
+    assert not any(k.startswith("module.") for k in two["model"])
+    assert_same_weights(one, two)
+
+
+def test_resume_of_a_two_process_run(runs):
+    resumed, straight = load_checkpoint(str(runs / "halves" / "last.pth")), load_checkpoint(str(runs / "two" / "last.pth"))
+    assert resumed["step"] == 6
+    assert_same_weights(straight, resumed, atol=1e-6)
+
+
+def test_distributed_checkpoint_loads_in_inference(runs, tmp_path):
+    inference.main(["--model_path", str(runs / "two" / "last.pth"), "--method", "ddim", "--ddim_steps", "2",
+                    "--num_samples", "1", "--output_dir", str(tmp_path)])
+    assert (tmp_path / "samples_ddim.png").exists()
