@@ -172,3 +172,10 @@ def test_cli_help_shows_defaults():
     for flag, default in (("--epochs EPOCHS", "100"), ("--lr LR", "0.0002"), ("--num_classes NUM_CLASSES", "10"),
                           ("--batch_size BATCH_SIZE", "128"), ("--save_freq SAVE_FREQ", "10")):
         assert re.search(re.escape(flag) + r"\s+(\S.*?)?\(default: " + re.escape(default) + r"\)", out), flag
+
+
+def test_padded_image_size(train_flags, tmp_path):
+    run(train_flags + ["--experiment_name", "pad", "--max_steps", "2", "--image_size", "32", "--attention_resolutions", "16"])
+    ckpt = load_checkpoint(str(tmp_path / "runs" / "pad" / "last.pth"))
+    assert ckpt["model_config"]["image_size"] == 32
+    assert Image.open(tmp_path / "runs" / "pad" / "samples" / "epoch_000.png").size == (10 * 34 + 2, 10 * 34 + 2)
