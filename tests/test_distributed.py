@@ -1,5 +1,7 @@
 """Two CPU processes under torchrun (gloo) against one process with the same global batch."""
+import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -59,3 +61,25 @@ def test_distributed_checkpoint_loads_in_inference(runs, tmp_path):
     inference.main(["--model_path", str(runs / "two" / "last.pth"), "--method", "ddim", "--ddim_steps", "2",
                     "--num_samples", "1", "--output_dir", str(tmp_path)])
     assert (tmp_path / "samples_ddim.png").exists()
+
+
+def test_sigterm_on_one_rank_stops_every_rank_cleanly(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "train.py"), *FLAGS, "--output_dir", str(tmp_path), "--experiment_name", "sig",
+           "--log_every", "1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen = []
+    for line in proc.stdout:  # rank 0 prints the step lines
+        seen.append(line)
+        if "step 3 " in line:
+            break
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, "".join(seen)
+    os.kill(int(workers[-1]), signal.SIGTERM)  # one rank only: the other must follow at the same step
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, "".join(seen) + out
+    ckpt = load_checkpoint(str(tmp_path / "sig" / "last.pth"))
+    assert ckpt["step"] >= 3
+    summary = json.loads((tmp_path / "sig" / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == ckpt["step"]
