@@ -6,8 +6,8 @@
 
 For each model: parameters, forward FLOPs per image (torch.utils.flop_counter), training images/s of a
 full step (noise, forward, loss, backward, AdamW, EMA: the trainer's own train_step), network
-evaluations per second in the sampling loop and the images/s that gives DDPM (T steps), DDIM (50) and
-DPM-Solver++ (20), peak memory, and achieved FLOP/s against a matmul peak measured in the same run.
+evaluations per second of the sampling network call and the images/s that gives DDPM (T steps), DDIM
+(50) and DPM-Solver++ (20) -- checked against a real 5-step sampler loop (last column) --, peak memory, and achieved FLOP/s against a matmul peak measured in the same run.
 Warm-up first, then the median of --repeats timings.
 """
 import argparse
@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import trainer as training
+from ddpm_model import GaussianDiffusion
 from sampling import HelpFormatter, pick_device
 
 
@@ -87,6 +88,18 @@ def sampling_call_time(net, device, batch, image_size, repeats, autocast):
     return median_time(call, device, repeats)
 
 
+def sampler_overhead(net, device, batch, image_size, call_time, autocast, steps=5) -> float:
+    """Wall time of a real DPM-Solver++ loop over `steps` steps / (steps x one network call): how far
+    the images/s columns, derived from network evaluations per second, are from the full sampler."""
+    diffusion = GaussianDiffusion().to(device)
+
+    def loop():
+        with torch.inference_mode(), autocast():
+            diffusion.sample(net, (batch, 1, image_size, image_size), "dpm_solver", steps=steps, generator=0,
+                             device=device)
+    return median_time(loop, device, repeats=1, warmup=0) / (steps * call_time)
+
+
 def bench_diffusers(config, device, args, autocast):
     """UNet2DModel with our channels, blocks and attention level, at 32x32 (its down/up path needs sizes
     divisible by 2^(levels-1))."""
@@ -144,13 +157,14 @@ def main(argv=None):
     flags = {"default": extra, "cpu_preset": ["--preset", "cpu"] + extra}
     rows = []
 
-    def record(name, model, step_time, call_time, size, flops, note=""):
+    def record(name, model, step_time, call_time, size, flops, note="", overhead=None):
         nfe_per_s = args.sample_batch / call_time
         row = dict(model=name, image_size=size, params=sum(p.numel() for p in model.parameters()),
                    gflop_per_image=flops / 1e9, train_images_per_s=args.batch_size / step_time,
                    sampling_nfe_per_s=nfe_per_s, ddpm_1000_images_per_s=nfe_per_s / 1000,
                    ddim_50_images_per_s=nfe_per_s / 50, dpm_solver_20_images_per_s=nfe_per_s / 20,
-                   train_tflop_per_s=3 * flops * args.batch_size / step_time / 1e12, note=note)
+                   train_tflop_per_s=3 * flops * args.batch_size / step_time / 1e12, note=note,
+                   sampler_loop_overhead=overhead)
         row["train_fraction_of_matmul_peak"] = row["train_tflop_per_s"] * 1e12 / peak
         rows.append(row)
         print(f"  {name}: {row['train_images_per_s']:.1f} train img/s, {nfe_per_s:.1f} sampling NFE/s", flush=True)
@@ -161,7 +175,8 @@ def main(argv=None):
             model, ema, step_time, autocast = bench_ours(flags[name], device, args, size)
             x1, t1 = torch.randn(1, 1, size, size, device=device), torch.tensor([500], device=device)
             call = sampling_call_time(ema, device, args.sample_batch, size, args.repeats, autocast)
-            record(f"ours/{name}", model, step_time, call, size, forward_flops(model, x1, t1))
+            record(f"ours/{name}", model, step_time, call, size, forward_flops(model, x1, t1),
+                   overhead=sampler_overhead(ema, device, args.sample_batch, size, call, autocast))
             if args.compare and name == "default" and size == 32:
                 dmodel, dnet, dstep = bench_diffusers(model.config, device, args, autocast)
                 dcall = sampling_call_time(dnet, device, args.sample_batch, 32, args.repeats, autocast)
@@ -177,13 +192,14 @@ def main(argv=None):
           f"torch {torch.__version__}, batch {args.batch_size} (train) / {args.sample_batch} (sampling), "
           f"matmul peak {peak / 1e12:.2f} TFLOP/s, peak memory {peak_memory_mb(device):.0f} MiB")
     header = ("model", "size", "params", "GFLOP/img", "train img/s", "NFE/s", "DDPM-1000 img/s", "DDIM-50 img/s",
-              "DPM++-20 img/s", "% of matmul peak")
+              "DPM++-20 img/s", "% of matmul peak", "sampler loop / NFEs")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
         print(f"| {r['model']} | {r['image_size']} | {r['params'] / 1e6:.2f}M | {r['gflop_per_image']:.2f} | "
               f"{r['train_images_per_s']:.1f} | {r['sampling_nfe_per_s']:.1f} | {r['ddpm_1000_images_per_s']:.3f} | "
               f"{r['ddim_50_images_per_s']:.2f} | {r['dpm_solver_20_images_per_s']:.2f} | "
-              f"{100 * r['train_fraction_of_matmul_peak']:.0f}% |")
+              f"{100 * r['train_fraction_of_matmul_peak']:.0f}% | "
+              f"{'n/a' if r['sampler_loop_overhead'] is None else format(r['sampler_loop_overhead'], '.2f')} |")
     if args.json:
         from utils import write_json
         write_json(args.json, dict(device=str(device), torch=torch.__version__, batch_size=args.batch_size,
