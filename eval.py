@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import utils
-from data import load_mnist, to_uint8
+from data import to_uint8
 from ddpm_model import METHODS
 from metrics import Evaluator
 from sampling import (HelpFormatter, UserError, add_sampling_args, default_output_dir, generate, guarded, load_model, method_steps,
@@ -138,11 +138,17 @@ def main(argv=None):
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
 
-    settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"))
-    labels = None
-    if args.model_path:
+    settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), source=args.samples)
+    labels, generation_seconds, save_dir = None, 0.0, args.save_dir or "eval"
+    if args.model_path:  # every input is checked before the evaluator's setup
         ckpt, model, diffusion, device = load_model(args, [args.method])
         save_dir = args.save_dir or default_output_dir(args.model_path, "eval")
+    else:
+        device = pick_device(args.device)
+        if args.samples:
+            images, labels = load_samples(args.samples)
+    evaluator = Evaluator(args.data_dir, inception=not args.no_inception, device=device, progress=True)
+    if args.model_path:
         settings.update(source=args.model_path, method=args.method, steps=method_steps(args, args.method) or diffusion.timesteps,
                         eta=args.eta, guidance_scale=args.guidance_scale if ckpt["conditional"] else None,
                         seed=args.seed, ema=not args.no_ema, step=ckpt["step"])
@@ -154,19 +160,11 @@ def main(argv=None):
             labels = torch.arange(args.num_samples) % model.num_classes  # generate()'s default labels
         images = to_uint8(x)
         generation_seconds = time.perf_counter() - start
-    else:
-        device = pick_device(args.device)
-        if args.samples:
-            images, labels = load_samples(args.samples)
-            settings["source"] = args.samples
-        else:
-            images = REAL_SETS[args.real](load_mnist(args.data_dir, train=False)[0][:args.num_samples])
-            settings["source"] = f"MNIST test split ({args.real})"
-        save_dir = args.save_dir or "eval"
-        generation_seconds = 0.0
+    elif args.real:
+        images = REAL_SETS[args.real](evaluator.test_images[:args.num_samples])
+        settings["source"] = f"MNIST test split ({args.real})"
     settings["num_images"] = len(images)
 
-    evaluator = Evaluator(args.data_dir, inception=not args.no_inception, device=device, progress=True)
     result = evaluator.evaluate(images, labels)
     result["seconds"]["generation"] = generation_seconds
     floor = None if args.no_floor or args.real == "test" else evaluator.floor(len(images), inception=not args.no_inception)
@@ -178,7 +176,7 @@ def main(argv=None):
     utils.write_json(os.path.join(save_dir, "metrics.json"), report)
     write_report(save_dir, result, floor, settings)
     utils.save_grid(images[:100], os.path.join(save_dir, "samples.png"), nrow=10)
-    utils.plot_intensity_histograms({"samples": images, "MNIST test": load_mnist(args.data_dir, train=False)[0]},
+    utils.plot_intensity_histograms({"samples": images, "MNIST test": evaluator.test_images},
                                     os.path.join(save_dir, "intensity_histogram.png"))
     utils.plot_class_histogram(result["details"]["class_histogram"], os.path.join(save_dir, "class_histogram.png"),
                                title="Class predicted by the MNIST classifier")

@@ -202,11 +202,14 @@ class Evaluator:
     under the checksum of the images they came from, so a changed dataset never reuses stale numbers.
     """
 
-    def __init__(self, data_dir: str = "./data", inception: bool = True, device="cpu", progress: bool = False):
+    def __init__(self, data_dir: str = "./data", inception: bool = True, device="cpu", progress: bool = False,
+                 train_images: Optional[torch.Tensor] = None):
+        """train_images: the uint8 train split, when the caller holds it already (no second copy)."""
         from data import load_mnist
         self.device, self.progress = torch.device(device), progress
-        self.data_dir, self.cache_dir = data_dir, os.path.join(data_dir, "cache")
-        self.train_images, _ = load_mnist(data_dir, train=True)
+        self.cache_dir = os.path.join(data_dir, "cache")
+        self.train_images = load_mnist(data_dir, train=True)[0] if train_images is None else train_images
+        self.test_images, self.test_labels = load_mnist(data_dir, train=False)
         self.classifier = load_classifier().to(self.device)
         self.inception = load_inception(self.device) if inception else None
         self.inception_missing = None if self.inception is not None else (
@@ -241,9 +244,8 @@ class Evaluator:
 
     def floor(self, num_images: int, inception: bool = True) -> dict:
         """evaluate() of the first num_images of the real MNIST test split, cached: the best a model can do."""
-        from data import load_mnist
         from utils import write_json
-        real = load_mnist(self.data_dir, train=False)[0][:num_images]
+        real = self.test_images[:num_images]
         inception = inception and self.inception is not None
         path = os.path.join(self.cache_dir, f"floor-{'inception' if inception else 'mnist'}-{_sha256(real)[:16]}.json")
         if os.path.isfile(path):

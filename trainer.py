@@ -182,7 +182,7 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise UserError(f"--batch_size {args.batch_size} is larger than the training set ({len(images)})")
         self.total_steps = args.epochs * self.steps_per_epoch  # the LR schedule's length; --max_steps cuts it
-        self.evaluator = Evaluator(args.data_dir, inception=False, device=self.device)
+        self.evaluator = Evaluator(args.data_dir, inception=False, device=self.device, train_images=images)
 
         self.model = build_model(model_config(args), conditional).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -313,7 +313,7 @@ class Trainer:
     @torch.no_grad()
     def test_loss(self) -> float:
         """EMA loss on a fixed part of the MNIST test split, with fixed noise: comparable across evaluations."""
-        images, labels = load_mnist(self.args.data_dir, train=False)
+        images, labels = self.evaluator.test_images, self.evaluator.test_labels
         n = min(self.args.eval_samples, len(images))
         gen = torch.Generator(self.device).manual_seed(1234)
         total = 0.0
