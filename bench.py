@@ -3,6 +3,7 @@
     python bench.py                         # the documented model and the CPU preset, on this machine
     python bench.py --compare diffusers     # also HF diffusers' UNet2DModel of the same configuration
     python bench.py --json bench.json
+    python bench.py --amp bf16 --compile    # autocast and torch.compile, as train.py takes them
 
 For each model: parameters, forward FLOPs per image (torch.utils.flop_counter), training images/s of a
 full step (noise, forward, loss, backward, AdamW, EMA: the trainer's own train_step), network
@@ -22,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import trainer as training
 from ddpm_model import GaussianDiffusion
-from sampling import HelpFormatter, pick_device
+from sampling import HelpFormatter, add_speed_args, amp_dtype, pick_device
 
 
 def sync(device):
@@ -43,10 +44,9 @@ def median_time(fn, device, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(device, repeats: int) -> float:
-    """FLOP/s of a large square matmul in the dtype the models train in (bf16 on CUDA, fp32 elsewhere)."""
+def matmul_peak(device, dtype, repeats: int) -> float:
+    """FLOP/s of a large square matmul in the dtype the models run in."""
     n = 4096 if device.type == "cuda" else 2048
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n ** 3 / median_time(lambda: a @ b, device, repeats)
 
@@ -116,7 +116,8 @@ def bench_diffusers(config, device, args, autocast):
                         up_block_types=tuple("AttnUpBlock2D" if i in attn_levels else "UpBlock2D" for i in reversed(range(len(mults)))),
                         act_fn=config["activation"], dropout=config["dropout"],
                         attention_head_dim=64).to(device)  # ours: heads of 64 channels
-    net = lambda x, t: model(x, t).sample
+    compiled = torch.compile(model, mode=args.compile) if args.compile else model
+    net = lambda x, t: compiled(x, t).sample
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ema = [p.detach().clone() for p in model.parameters()]
     x0 = torch.randn(args.batch_size, 1, 32, 32, device=device)
@@ -143,7 +144,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--models", default="default,cpu_preset", help="comma-separated: default, cpu_preset")
     p.add_argument("--compare", choices=["diffusers"], default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile our network (as train.py --compile)")
+    add_speed_args(p, "our network (as train.py --compile)")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args(argv)
     device = pick_device(args.device)
@@ -152,8 +153,9 @@ def main(argv=None):
     args.sample_batch = args.sample_batch or (256 if cuda else 64)
     if not cuda:
         torch.backends.mkldnn.enabled = True
-    peak = matmul_peak(device, args.repeats)
-    extra = ["--compile"] if args.compile else []
+    dtype = amp_dtype(device, args.amp) or torch.float32
+    peak = matmul_peak(device, dtype, args.repeats)
+    extra = ["--amp", args.amp] + (["--compile", args.compile] if args.compile else [])
     flags = {"default": extra, "cpu_preset": ["--preset", "cpu"] + extra}
     rows = []
 
@@ -174,14 +176,15 @@ def main(argv=None):
         for size in sizes:
             model, ema, step_time, autocast = bench_ours(flags[name], device, args, size)
             x1, t1 = torch.randn(1, 1, size, size, device=device), torch.tensor([500], device=device)
-            call = sampling_call_time(ema, device, args.sample_batch, size, args.repeats, autocast)
+            sampler_net = torch.compile(ema, mode=args.compile) if args.compile else ema
+            call = sampling_call_time(sampler_net, device, args.sample_batch, size, args.repeats, autocast)
             record(f"ours/{name}", model, step_time, call, size, forward_flops(model, x1, t1),
-                   overhead=sampler_overhead(ema, device, args.sample_batch, size, call, autocast))
+                   overhead=sampler_overhead(sampler_net, device, args.sample_batch, size, call, autocast))
             if args.compare and name == "default" and size == 32:
                 dmodel, dnet, dstep = bench_diffusers(model.config, device, args, autocast)
                 dcall = sampling_call_time(dnet, device, args.sample_batch, 32, args.repeats, autocast)
                 record("diffusers/UNet2DModel", dmodel, dstep, dcall, 32,
-                       forward_flops(dnet, x1, t1), note="needs 32x32; ours runs 28x28 natively")
+                       forward_flops(lambda x, t: dmodel(x, t).sample, x1, t1), note="needs 32x32; ours runs 28x28 natively")
                 for ours_size in (28, 32):
                     ours = next(r for r in rows if r["model"] == "ours/default" and r["image_size"] == ours_size)
                     print(f"  ours@{ours_size} / diffusers@32: training {ours['train_images_per_s'] / rows[-1]['train_images_per_s']:.2f}x, "
@@ -190,7 +193,7 @@ def main(argv=None):
 
     print(f"\n{device} ({torch.cuda.get_device_name(device) if cuda else os.cpu_count()} {'GPU' if cuda else 'CPU threads'}), "
           f"torch {torch.__version__}, batch {args.batch_size} (train) / {args.sample_batch} (sampling), "
-          f"matmul peak {peak / 1e12:.2f} TFLOP/s, peak memory {peak_memory_mb(device):.0f} MiB")
+          f"{str(dtype)[6:]} matmul peak {peak / 1e12:.2f} TFLOP/s, peak memory {peak_memory_mb(device):.0f} MiB")
     header = ("model", "size", "params", "GFLOP/img", "train img/s", "NFE/s", "DDPM-1000 img/s", "DDIM-50 img/s",
               "DPM++-20 img/s", "% of matmul peak", "sampler loop / NFEs")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
@@ -202,7 +205,8 @@ def main(argv=None):
               f"{'n/a' if r['sampler_loop_overhead'] is None else format(r['sampler_loop_overhead'], '.2f')} |")
     if args.json:
         from utils import write_json
-        write_json(args.json, dict(device=str(device), torch=torch.__version__, batch_size=args.batch_size,
+        write_json(args.json, dict(device=str(device), torch=torch.__version__, amp=args.amp, compile=args.compile,
+                                   batch_size=args.batch_size,
                                    sample_batch=args.sample_batch, matmul_peak_flops=peak,
                                    peak_memory_mb=peak_memory_mb(device), rows=rows))
 

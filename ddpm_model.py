@@ -348,10 +348,12 @@ class GaussianDiffusion(nn.Module):
                 x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
             yield t_int, x
 
-    def _dpm_solver_steps(self, model, x, model_kwargs, generator, clip_denoised, steps=20,
+    def _dpm_solver_steps(self, model, x, model_kwargs, generator, clip_denoised, steps=20, eta=0.0,
                           spacing="uniform", **_):
         """DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in log-SNR on x0 predictions.
 
+        eta=0 solves the probability-flow ODE; eta=1 is SDE-DPM-Solver++(2M), the same step on the
+        reverse SDE, which re-injects noise as DDPM does (its first-order step is DDIM with eta=1).
         The last step, to the clean image, is first order (it returns the x0 prediction).
         """
         ts = select_timesteps(self.timesteps, steps, spacing, self.alphas_cumprod)
@@ -365,9 +367,12 @@ class GaussianDiffusion(nn.Module):
             else:
                 t_next = ts[i + 1]
                 h = lam(t_next) - lam(t_int)
-                alpha_next, sigma_ratio = ac[t_next].sqrt(), ((1 - ac[t_next]) / (1 - ac[t_int])).sqrt()
+                alpha_next, sigma_next = ac[t_next].sqrt(), (1 - ac[t_next]).sqrt()
                 d = x0 if prev_x0 is None else x0 + (x0 - prev_x0) * (h / (2 * prev_h))
-                x = sigma_ratio * x - alpha_next * torch.expm1(-h) * d
+                x = sigma_next / (1 - ac[t_int]).sqrt() * torch.exp(-eta * h) * x - alpha_next * torch.expm1(-(1 + eta) * h) * d
+                if eta > 0:
+                    noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+                    x = x + sigma_next * (-torch.expm1(-2 * eta * h)).sqrt() * noise
                 prev_x0, prev_h = x0, h
             yield t_int, x
 

@@ -85,7 +85,8 @@ def main(argv=None):
     def sample(method, count=n, noise=None, y=labels, eta=args.eta, **extra):
         return generate(model, diffusion, count, labels=y, guidance_scale=args.guidance_scale, method=method,
                         steps=method_steps(args, method), eta=eta, batch_size=args.batch_size,
-                        seed=args.seed, device=device, progress=True, noise=noise, **extra)
+                        seed=args.seed, device=device, progress=True, noise=noise, amp=args.amp,
+                        compile_mode=args.compile, **extra)
 
     written = []
     for i, method in enumerate(methods):

@@ -15,6 +15,10 @@ from conditional_ddpm import ConditionalUNet, GuidedModel
 from ddpm_model import METHODS, make_generator
 
 
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
 class UserError(Exception):
     """Bad input: reported as one line with exit code 2."""
 
@@ -58,13 +62,24 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS) -> None:
                    help="ddpm: all T steps; ddim: --ddim_steps; dpm_solver: DPM-Solver++(2M) in --steps")
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM and DPM-Solver++ noise: 0 deterministic (the ODE), 1 DDPM-like (the SDE)")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance w (conditional models); default: the training run's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=256, help="images per sampling batch")
     p.add_argument("--device", default="auto")
     p.add_argument("--no_ema", action="store_true", help="sample the raw weights instead of the EMA")
+    add_speed_args(p, "the network call")
+
+
+def add_speed_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--amp and --compile, shared by training, sampling and bench.py."""
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA, fp32 elsewhere (--amp bf16 pays on CPUs with AVX-512 "
+                        "BF16 or AMX; fp16 is CUDA-only)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help=f"torch.compile {what}; MODE is one of {', '.join(COMPILE_MODES)} (default when given "
+                        "bare; reduce-overhead adds CUDA graphs)")
 
 
 def load_model(args, methods):
@@ -84,9 +99,11 @@ def load_model(args, methods):
         raise UserError(f"--eta must not be negative, got {args.eta}")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    device = pick_device(args.device)
+    amp_dtype(device, args.amp)
     if args.guidance_scale is None:
         args.guidance_scale = ckpt["config"].get("args", {}).get("guidance_scale", 0.0)
-    return ckpt, model, diffusion, pick_device(args.device)
+    return ckpt, model, diffusion, device
 
 
 def method_steps(args, method: str) -> Optional[int]:
@@ -107,11 +124,24 @@ def guarded(main):
     return wrapper
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (the network is trained and sampled in it there); a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def amp_dtype(device: torch.device, amp: str) -> Optional[torch.dtype]:
+    """The autocast dtype --amp asks for on `device`, or None for full fp32.
+
+    auto is bf16 on CUDA and fp32 elsewhere: bf16 changes the numbers, and only CPUs with AVX-512 BF16
+    or AMX run it faster (1.7x for the default model on this repo's Zen 4 CI machine), so the CPU opts in.
+    """
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "none":
+        return None
+    if device.type not in ("cuda", "cpu") or (amp == "fp16" and device.type != "cuda"):
+        raise UserError(f"--amp {amp} is not supported on {device.type}")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, amp: str = "auto"):
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def digit_rows(num_classes: int, per_class: int) -> torch.Tensor:
@@ -121,24 +151,27 @@ def digit_rows(num_classes: int, per_class: int) -> torch.Tensor:
 
 def generate(model, diffusion, num_samples: int, labels: Optional[torch.Tensor] = None,
              guidance_scale: float = 0.0, method: str = "ddpm", steps: Optional[int] = None, eta: float = 0.0,
-             batch_size: int = 256, seed=0, device="cpu", progress: bool = False, amp: bool = True,
-             noise: Optional[torch.Tensor] = None, return_intermediates: bool = False):
+             batch_size: int = 256, seed=0, device="cpu", progress: bool = False, amp: str = "auto",
+             compile_mode: Optional[str] = None, noise: Optional[torch.Tensor] = None,
+             return_intermediates: bool = False):
     """`num_samples` images in model range [-1, 1], shape [N, 1, H, W], on the CPU.
 
     Conditional models sample `labels` (default: the digits in turn) with classifier-free guidance.
     The same seed and batch size give the same images, and every method starts from the same noise
     (or from `noise`, [N, C, H, W], when given). With return_intermediates, also returns the
-    (t, x_t) trajectory of the first batch.
+    (t, x_t) trajectory of the first batch. `amp` is an --amp choice; `compile_mode` a torch.compile
+    mode for the network call (reduce-overhead adds CUDA graphs on CUDA).
     """
     device = torch.device(device)
     model = model.to(device).eval()
     diffusion = diffusion.to(device)
     conditional = isinstance(model, ConditionalUNet)
+    net = torch.compile(model, mode=compile_mode) if compile_mode else model
     if conditional:
         labels = torch.arange(num_samples) % model.num_classes if labels is None else labels
-        model_fn = GuidedModel(model, guidance_scale, model.null_class)
+        model_fn = GuidedModel(net, guidance_scale, model.null_class)
     else:
-        model_fn = model
+        model_fn = net
     size = model.config["image_size"]
     generator = make_generator(seed, device)
     out, trajectory = [], None

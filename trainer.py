@@ -5,7 +5,6 @@ best_model.pth, samples/, logs/ (TensorBoard), visualizations/ and summary.json.
 on --epochs, --max_steps, --time_budget, SIGINT or SIGTERM, and --resume continues exactly.
 """
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -27,7 +26,8 @@ from conditional_ddpm import drop_labels
 from data import DataError, load_mnist, to_model_range, to_uint8
 from metrics import Evaluator
 from ddpm_model import BETA_SCHEDULES, METHODS, PREDICTIONS, GaussianDiffusion
-from sampling import HelpFormatter, UserError, digit_rows, fail, generate, pick_device
+from sampling import (HelpFormatter, UserError, add_speed_args, amp_dtype, autocast, digit_rows, fail, generate,
+                      pick_device)
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -83,9 +83,7 @@ def build_parser(conditional: bool) -> argparse.ArgumentParser:
     g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--warmup_steps", type=int, default=500, help="linear LR warm-up, then cosine to 0")
-    g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
-                   help="autocast on CUDA; auto = bf16 on CUDA, none elsewhere")
-    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    add_speed_args(g, "the network (training step and sampling)")
     g = p.add_argument_group("run length, logging and evaluation")
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--time_budget", type=float, default=None, metavar="MINUTES", help="stop after this long")
@@ -173,6 +171,7 @@ class Trainer:
         self.device = pick_device(args.device)
         if self.device.type == "cuda" and world > 1:
             self.device = torch.device("cuda", local_rank)
+        self.amp_dtype = amp_dtype(self.device, args.amp)
         torch.manual_seed(args.seed + rank)  # dropout differs per rank
         images, labels = load_mnist(args.data_dir, train=True)
         # The whole training set lives on the device as uint8 and is indexed per batch.
@@ -190,14 +189,13 @@ class Trainer:
         if world > 1:  # gradients averaged across ranks; checkpoints keep the bare model (no "module.")
             self.net = DistributedDataParallel(self.model, device_ids=[local_rank] if self.device.type == "cuda" else None)
         if args.compile:
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=args.compile)
         self.diffusion = GaussianDiffusion(args.timesteps, args.beta_schedule, args.prediction).to(self.device)
         cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            **({"fused": True} if cuda else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
-        self.amp = "none" if not cuda else ("bf16" if args.amp == "auto" else args.amp)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -256,9 +254,7 @@ class Trainer:
     # -------------------------------------------------------------------------- the step
 
     def autocast(self):
-        if self.amp == "none":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+        return autocast(self.device, self.args.amp)
 
     def train_step(self, idx: torch.Tensor) -> tuple:
         """One optimizer step on the global batch `idx`; under DDP each rank takes every world-th image.
@@ -300,7 +296,7 @@ class Trainer:
         a = self.args
         return generate(self.ema, self.diffusion, n, labels=labels, guidance_scale=getattr(a, "guidance_scale", 0.0),
                         method=a.sample_method, steps=a.sample_steps, batch_size=max(a.batch_size, 100),
-                        seed=a.seed, device=self.device, amp=self.amp != "none")
+                        seed=a.seed, device=self.device, amp=a.amp, compile_mode=a.compile)
 
     def write_samples(self, writer) -> str:
         n = 10 * (self.args.num_classes if self.conditional else 10)

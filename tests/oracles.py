@@ -81,3 +81,34 @@ def exact_output_law(ac, mean0, s, ts, eta):
         B = math.sqrt(a_prev) * B_x0 - c_eps * math.sqrt(a) * B_x0 / math.sqrt(1 - a)
         mu, var = A * mu + B, A * A * var + sigma2
     return mu, var
+
+
+def exact_dpm_solver_law(ac, mean0, s, ts, eta):
+    """Exact mean and variance of a DPM-Solver++(2M) chain's output (SDE variant for eta > 0) under
+    GaussianOracle(mean0, s), from the update in Lu et al.'s notation:
+
+        x_next = (sigma_next / sigma) e^(-eta h) x + alpha_next (1 - e^(-(1 + eta) h)) D
+                 + sigma_next sqrt(1 - e^(-2 eta h)) z,    h = lambda_next - lambda, lambda = log(alpha / sigma)
+
+    with D = x0_hat + (x0_hat - previous x0_hat) h / (2 h_previous). Every quantity is an affine
+    function of x_T and the injected z's: carry (constant, coefficients) and read off the moments.
+    """
+    n = len(ts)
+    x = (0.0, torch.zeros(n, dtype=torch.float64))
+    x[1][0] = 1.0  # x_T ~ N(0, 1) is variable 0; step i injects variable i + 1
+    affine = lambda c0, a, c1, b: (c0 * a[0] + c1 * b[0], c0 * a[1] + c1 * b[1])
+    prev = None
+    for i, t in enumerate(ts):
+        a = float(ac[t])
+        k = math.sqrt(a) * s ** 2 / (a * s ** 2 + 1 - a)
+        x0_hat = (k * x[0] + mean0 * (1 - k * math.sqrt(a)), k * x[1])
+        if i + 1 == n:
+            return x0_hat[0], float((x0_hat[1] ** 2).sum())
+        a_next = float(ac[ts[i + 1]])
+        lam, lam_next = (0.5 * math.log(v / (1 - v)) for v in (a, a_next))
+        h = lam_next - lam
+        d = x0_hat if prev is None else affine(1 + h / (2 * prev[1]), x0_hat, -h / (2 * prev[1]), prev[0])
+        x = affine(math.sqrt((1 - a_next) / (1 - a)) * math.exp(-eta * h), x,
+                   math.sqrt(a_next) * (1 - math.exp(-(1 + eta) * h)), d)
+        x[1][i + 1] = math.sqrt((1 - a_next) * (1 - math.exp(-2 * eta * h)))
+        prev = (x0_hat, h)

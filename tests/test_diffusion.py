@@ -6,7 +6,7 @@ import torch
 
 from conditional_ddpm import GuidedModel
 from ddpm_model import GaussianDiffusion, select_timesteps
-from oracles import GaussianOracle, TwoPointOracle, exact_output_law, linear_alphas_cumprod
+from oracles import GaussianOracle, TwoPointOracle, exact_dpm_solver_law, exact_output_law, linear_alphas_cumprod
 
 T = 1000
 M, S = 0.3, 0.5          # the data law N(M, S^2) of the Gaussian oracle
@@ -137,6 +137,22 @@ def test_dpm_solver_oracle_gaussian_20_steps(prediction):
     assert abs(a - S) < 0.02 * S, f"std {a}"  # +1.3% at 20 steps, against DDIM's -4.8% at 50
     x = d.sample(oracle, SHAPE, "dpm_solver", steps=20, generator=0, clip_denoised=False)
     assert_matches_law(x, b, a * a, "dpm_solver")
+    mu, var = exact_dpm_solver_law(ac, M, S, select_timesteps(T, 20, "logsnr", d.alphas_cumprod), eta=0.0)
+    assert abs(mu - b) < 1e-4 and abs(math.sqrt(var) - a) < 1e-4  # the law's independent computation agrees
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_sde_dpm_solver_oracle_gaussian(prediction):
+    """eta=1 (SDE-DPM-Solver++(2M)) draws from the exact law of its chain, which converges to the data law."""
+    ac = linear_alphas_cumprod()
+    d = GaussianDiffusion(T, prediction=prediction)
+    laws = {n: exact_dpm_solver_law(ac, M, S, select_timesteps(T, n, "logsnr", d.alphas_cumprod), eta=1.0)
+            for n in (20, 200)}
+    for n, limit in ((20, 0.04), (200, 0.002)):  # std errors +2.9% and +0.03%
+        assert abs(laws[n][0] - M) < 1e-3 * S and abs(math.sqrt(laws[n][1]) - S) < limit * S, n
+    x = d.sample(GaussianOracle([M], S, ac, prediction), SHAPE, "dpm_solver", steps=20, eta=1.0, generator=0,
+                 clip_denoised=False)
+    assert_matches_law(x, *laws[20], f"sde dpm_solver/{prediction}")
 
 
 def test_two_point_mixture_concentrates_in_right_proportions():

@@ -13,6 +13,7 @@ from checkpoint import save_checkpoint
 from conditional_ddpm import ConditionalUNet
 from conftest import DATA_DIR
 from ddpm_model import GaussianDiffusion, UNet
+from sampling import generate
 
 TINY = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(14,), dropout=0.0)
 
@@ -85,6 +86,28 @@ def test_same_seed_same_output(checkpoints, tmp_path):
     assert np.array_equal(arrays[0], arrays[1]) and not np.array_equal(arrays[0], arrays[2])
 
 
+def tiny_model(checkpoints, conditional):
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    return model_from_checkpoint(load_checkpoint(checkpoints[conditional]))
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_bf16_sampling_on_the_cpu_is_close_to_fp32(checkpoints, conditional):
+    model, diffusion = tiny_model(checkpoints, conditional)
+    run = lambda amp: generate(model, diffusion, 8, method="ddim", steps=4, seed=1, amp=amp, guidance_scale=1.0)
+    fp32, bf16, auto = run("none"), run("bf16"), run("auto")
+    assert torch.equal(auto, fp32)  # the CPU stays in fp32 unless asked
+    diff = (bf16 - fp32).abs()
+    assert 0 < diff.max() and diff.mean() < 0.02  # bf16 really ran, and kept the images
+
+
+def test_compiled_network_call_matches_eager(checkpoints):
+    model, diffusion = tiny_model(checkpoints, True)  # the guided model, two branches per call
+    run = lambda mode: generate(model, diffusion, 6, method="dpm_solver", steps=3, seed=2, compile_mode=mode,
+                                guidance_scale=1.5)
+    assert torch.allclose(run("default"), run(None), atol=1e-4)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--model_path", "missing.pth"], "no such file"),
     (["--conditional"], "need a conditional checkpoint"),
@@ -95,6 +118,7 @@ def test_same_seed_same_output(checkpoints, tmp_path):
     (["--method", "dpm_solver", "--steps", "0"], "--steps must be between 1"),
     (["--eta", "-0.5"], "--eta must not be negative"),
     (["--num_samples", "0"], "--num_samples must be at least 1"),
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 is not supported on cpu"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(checkpoints, tmp_path, capsys, flags, message):
     args = ["--model_path", checkpoints[False], "--output_dir", str(tmp_path / "out")] + flags
