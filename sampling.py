@@ -62,7 +62,8 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS) -> None:
                    help="ddpm: all T steps; ddim: --ddim_steps; dpm_solver: DPM-Solver++(2M) in --steps")
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM and DPM-Solver++ noise: 0 deterministic (the ODE), 1 DDPM-like (the SDE)")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM and DPM-Solver++ noise: 0 deterministic (the ODE), 1 DDPM-like (the SDE)")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance w (conditional models); default: the training run's")
     p.add_argument("--seed", type=int, default=0)
