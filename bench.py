@@ -3,7 +3,7 @@
     python bench.py                         # the documented model and the CPU preset, on this machine
     python bench.py --compare diffusers     # also HF diffusers' UNet2DModel of the same configuration
     python bench.py --json bench.json
-    python bench.py --amp bf16 --compile    # autocast and torch.compile, as train.py takes them
+    python bench.py --amp bf16 --compile    # autocast, torch.compile (and --channels_last) as train.py takes them
 
 For each model: parameters, forward FLOPs per image (torch.utils.flop_counter), training images/s of a
 full step (noise, forward, loss, backward, AdamW, EMA: the trainer's own train_step), network
@@ -80,8 +80,9 @@ def bench_ours(flags, device, args, image_size=28):
 
 
 def sampling_call_time(net, device, batch, image_size, repeats, autocast):
-    x = torch.randn(batch, 1, image_size, image_size, device=device)
-    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    with torch.inference_mode():  # inference tensors, as in the samplers (torch.compile guards on it)
+        x = torch.randn(batch, 1, image_size, image_size, device=device)
+        t = torch.full((batch,), 500, device=device, dtype=torch.long)
 
     def call():
         with torch.inference_mode(), autocast():
@@ -98,7 +99,7 @@ def sampler_overhead(net, device, batch, image_size, call_time, autocast, steps=
         with torch.inference_mode(), autocast():
             diffusion.sample(net, (batch, 1, image_size, image_size), "dpm_solver", steps=steps, generator=0,
                              device=device)
-    return median_time(loop, device, repeats=1, warmup=0) / (steps * call_time)
+    return median_time(loop, device, repeats=1, warmup=1) / (steps * call_time)
 
 
 def bench_diffusers(config, device, args, autocast):
@@ -117,6 +118,8 @@ def bench_diffusers(config, device, args, autocast):
                         up_block_types=tuple("AttnUpBlock2D" if i in attn_levels else "UpBlock2D" for i in reversed(range(len(mults)))),
                         act_fn=config["activation"], dropout=config["dropout"],
                         attention_head_dim=64).to(device)  # ours: heads of 64 channels
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     compiled = torch.compile(model, mode=args.compile) if args.compile else model
     net = lambda x, t: compiled(x, t).sample
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -156,7 +159,8 @@ def main(argv=None):
         torch.backends.mkldnn.enabled = True
     dtype = amp_dtype(device, args.amp) or torch.float32
     peak = matmul_peak(device, dtype, args.repeats)
-    extra = ["--amp", args.amp] + (["--compile", args.compile] if args.compile else [])
+    extra = (["--amp", args.amp] + (["--compile", args.compile] if args.compile else [])
+             + (["--channels_last"] if args.channels_last else []))
     flags = {"default": extra, "cpu_preset": ["--preset", "cpu"] + extra}
     rows = []
 
@@ -208,6 +212,7 @@ def main(argv=None):
     if args.json:
         from utils import write_json
         write_json(args.json, dict(device=str(device), torch=torch.__version__, amp=args.amp, compile=args.compile,
+                                   channels_last=args.channels_last,
                                    batch_size=args.batch_size,
                                    sample_batch=args.sample_batch, matmul_peak_flops=peak,
                                    peak_memory_mb=peak_memory_mb(device), rows=rows))

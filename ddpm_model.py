@@ -369,7 +369,8 @@ class GaussianDiffusion(nn.Module):
                 h = lam(t_next) - lam(t_int)
                 alpha_next, sigma_next = ac[t_next].sqrt(), (1 - ac[t_next]).sqrt()
                 d = x0 if prev_x0 is None else x0 + (x0 - prev_x0) * (h / (2 * prev_h))
-                decay = sigma_next / (1 - ac[t_int]).sqrt() * torch.exp(-eta * h)
+                # h is infinite out of a zero-SNR first step (short linear schedules): no 0 * inf there.
+                decay = sigma_next / (1 - ac[t_int]).sqrt() * (torch.exp(-eta * h) if eta > 0 else 1)
                 x = decay * x - alpha_next * torch.expm1(-(1 + eta) * h) * d
                 if eta > 0:
                     noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)

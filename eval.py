@@ -155,7 +155,8 @@ def main(argv=None):
         start = time.perf_counter()
         x = generate(model, diffusion, args.num_samples, guidance_scale=args.guidance_scale, method=args.method,
                      steps=method_steps(args, args.method), eta=args.eta, batch_size=args.batch_size, seed=args.seed,
-                     device=device, progress=True, amp=args.amp, compile_mode=args.compile)
+                     device=device, progress=True, amp=args.amp, compile_mode=args.compile,
+                     channels_last=args.channels_last)
         if ckpt["conditional"]:
             labels = torch.arange(args.num_samples) % model.num_classes  # generate()'s default labels
         images = to_uint8(x)

@@ -86,7 +86,7 @@ def main(argv=None):
         return generate(model, diffusion, count, labels=y, guidance_scale=args.guidance_scale, method=method,
                         steps=method_steps(args, method), eta=eta, batch_size=args.batch_size,
                         seed=args.seed, device=device, progress=True, noise=noise, amp=args.amp,
-                        compile_mode=args.compile, **extra)
+                        compile_mode=args.compile, channels_last=args.channels_last, **extra)
 
     written = []
     for i, method in enumerate(methods):

@@ -41,7 +41,7 @@ PRESETS = {
 STOP_REASONS = (None, "max_steps", "time_budget", "SIGINT", "SIGTERM")
 # What a resumed run may change; everything else comes from the checkpoint's config.
 RESUME_OVERRIDES = ("epochs", "max_steps", "time_budget", "device", "save_freq", "eval_freq", "log_every",
-                    "compile", "amp", "eval_samples")
+                    "compile", "amp", "channels_last", "eval_samples")
 
 
 def int_list(text: str) -> list:
@@ -183,7 +183,8 @@ class Trainer:
         self.total_steps = args.epochs * self.steps_per_epoch  # the LR schedule's length; --max_steps cuts it
         self.evaluator = Evaluator(args.data_dir, inception=False, device=self.device, train_images=images)
 
-        self.model = build_model(model_config(args), conditional).to(self.device)
+        self.model = build_model(model_config(args), conditional).to(
+            self.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.net = self.model
         if world > 1:  # gradients averaged across ranks; checkpoints keep the bare model (no "module.")
@@ -296,7 +297,8 @@ class Trainer:
         a = self.args
         return generate(self.ema, self.diffusion, n, labels=labels, guidance_scale=getattr(a, "guidance_scale", 0.0),
                         method=a.sample_method, steps=a.sample_steps, batch_size=max(a.batch_size, 100),
-                        seed=a.seed, device=self.device, amp=a.amp, compile_mode=a.compile)
+                        seed=a.seed, device=self.device, amp=a.amp, compile_mode=a.compile,
+                        channels_last=a.channels_last)
 
     def write_samples(self, writer) -> str:
         n = 10 * (self.args.num_classes if self.conditional else 10)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conditional_ddpm import GuidedModel
-from ddpm_model import GaussianDiffusion, select_timesteps
+from ddpm_model import METHODS, GaussianDiffusion, UNet, select_timesteps
 from oracles import GaussianOracle, TwoPointOracle, exact_dpm_solver_law, exact_output_law, linear_alphas_cumprod
 
 T = 1000
@@ -153,6 +153,18 @@ def test_sde_dpm_solver_oracle_gaussian(prediction):
     x = d.sample(GaussianOracle([M], S, ac, prediction), SHAPE, "dpm_solver", steps=20, eta=1.0, generator=0,
                  clip_denoised=False)
     assert_matches_law(x, *laws[20], f"sde dpm_solver/{prediction}")
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_samplers_survive_a_zero_snr_first_step(eta):
+    """Short linear schedules end at alpha_bar = 0 (infinite log-SNR step): no NaN may come out."""
+    d = GaussianDiffusion(20)
+    assert d.alphas_cumprod[-1] == 0
+    torch.manual_seed(0)
+    net = UNet(model_channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=())
+    for method in METHODS:
+        x = d.sample(net, (4, 1, 28, 28), method, steps=5, eta=eta, generator=0)
+        assert torch.isfinite(x).all(), method
 
 
 def test_two_point_mixture_concentrates_in_right_proportions():

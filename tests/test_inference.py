@@ -92,10 +92,12 @@ def tiny_model(checkpoints, conditional):
 
 
 @pytest.mark.parametrize("conditional", [False, True])
-def test_bf16_sampling_on_the_cpu_is_close_to_fp32(checkpoints, conditional):
+def test_speed_flags_keep_the_samples(checkpoints, conditional):
     model, diffusion = tiny_model(checkpoints, conditional)
-    run = lambda amp: generate(model, diffusion, 8, method="ddim", steps=4, seed=1, amp=amp, guidance_scale=1.0)
-    fp32, bf16, auto = run("none"), run("bf16"), run("auto")
+    run = lambda amp, nhwc=False: generate(model, diffusion, 8, method="ddim", steps=4, seed=1, amp=amp,
+                                           guidance_scale=1.0, channels_last=nhwc)
+    nhwc, fp32, bf16, auto = run("none", True), run("none"), run("bf16"), run("auto")
+    assert torch.allclose(nhwc, fp32, atol=1e-5)
     assert torch.equal(auto, fp32)  # the CPU stays in fp32 unless asked
     diff = (bf16 - fp32).abs()
     assert 0 < diff.max() and diff.mean() < 0.02  # bf16 really ran, and kept the images
