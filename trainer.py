@@ -91,6 +91,7 @@ def build_parser(conditional: bool) -> argparse.ArgumentParser:
     g.add_argument("--eval_samples", type=int, default=1000, help="samples per evaluation")
     g.add_argument("--sample_method", choices=METHODS, default="dpm_solver", help="sampler for grids and evaluation")
     g.add_argument("--sample_steps", type=int, default=20, help="its steps (ddpm uses all T)")
+    g.add_argument("--sample_eta", type=float, default=0.0, help="its noise (ddim, dpm_solver): 0 the ODE, 1 the SDE")
     if conditional:
         g = p.add_argument_group("conditioning")
         g.add_argument("--num_classes", type=int, default=10)
@@ -109,7 +110,7 @@ def parse_args(argv, conditional: bool) -> argparse.Namespace:
                  "eval_freq", "log_every", "eval_samples", "sample_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "dropout", "ema_decay", "grad_clip", "weight_decay", "warmup_steps"):
+    for name in ("lr", "dropout", "ema_decay", "grad_clip", "weight_decay", "warmup_steps", "sample_eta"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -296,7 +297,7 @@ class Trainer:
     def generate(self, n: int, labels=None):
         a = self.args
         return generate(self.ema, self.diffusion, n, labels=labels, guidance_scale=getattr(a, "guidance_scale", 0.0),
-                        method=a.sample_method, steps=a.sample_steps, batch_size=max(a.batch_size, 100),
+                        method=a.sample_method, steps=a.sample_steps, eta=a.sample_eta, batch_size=max(a.batch_size, 100),
                         seed=a.seed, device=self.device, amp=a.amp, compile_mode=a.compile,
                         channels_last=a.channels_last)
 

@@ -108,6 +108,14 @@ def test_speed_flags_keep_the_training_step(train_flags):
     assert 0 < abs(results["bf16"][0] - loss) < 0.02 * loss and 0 < abs(results["bf16"][1] - grad) < 0.05 * grad
 
 
+def test_sample_eta_reaches_the_sampler(train_flags, tmp_path):
+    grids = []
+    for eta in ("0", "1"):
+        run(train_flags + ["--experiment_name", f"eta{eta}", "--max_steps", "2", "--sample_eta", eta])
+        grids.append(Image.open(tmp_path / "runs" / f"eta{eta}" / "samples" / "epoch_000.png").tobytes())
+    assert grids[0] != grids[1]  # the same weights and seed: only the sampler's noise differs
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(train_flags, tmp_path, monkeypatch):
     run(train_flags + ["--experiment_name", "nan", "--max_steps", "4"])
     last = tmp_path / "runs" / "nan" / "last.pth"
@@ -164,6 +172,7 @@ def expect_exit_2(capsys, flags, conditional=False, message=""):
     (["--channel_mult", "1,x"], "comma-separated integers"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 is not supported on cpu"),
     (["--compile", "fast"], "invalid choice"),
+    (["--sample_eta", "-1"], "--sample_eta must not be negative"),
 ])
 def test_bad_flags(capsys, train_flags, bad, message):
     expect_exit_2(capsys, train_flags + bad, message=message)
