@@ -44,8 +44,7 @@ REPORT_KEYS = ("fid_inception", "is_inception_mean", "is_inception_std", "fid_mn
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a DDPM checkpoint, a set of samples, or real MNIST.",
                                 formatter_class=HelpFormatter)
-    add_sampling_args(p, methods=METHODS)
-    p.set_defaults(batch_size=50)
+    add_sampling_args(p, methods=METHODS, batch_size=50)
     p.add_argument("--num_samples", type=int, default=1000, help="samples to generate (or real images to take)")
     p.add_argument("--samples", default=None, metavar="PATH", help="evaluate an npz (images, labels) or a PNG folder")
     p.add_argument("--real", choices=sorted(REAL_SETS), default=None,

@@ -55,7 +55,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS, batch_size: Optional[int] = None) -> None:
     """The sampler flags inference.py and eval.py share."""
     p.add_argument("--model_path", help="a checkpoint from train.py or train_conditional.py")
     p.add_argument("--method", choices=methods, default="ddpm",
@@ -67,7 +67,8 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS) -> None:
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance w (conditional models); default: the training run's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=256, help="images per sampling batch")
+    p.add_argument("--batch_size", type=int, default=batch_size, help="images per sampling batch" + (
+        "" if batch_size else "; None: 256 on CUDA, 64 elsewhere (on the CPU, 64 samples 1.3-1.4x faster than 256)"))
     p.add_argument("--device", default="auto")
     p.add_argument("--no_ema", action="store_true", help="sample the raw weights instead of the EMA")
     add_speed_args(p, "the network call")
@@ -100,9 +101,11 @@ def load_model(args, methods):
             raise UserError(f"--{flag} must be between 1 and the model's {T} timesteps, got {getattr(args, flag)}")
     if args.eta < 0:
         raise UserError(f"--eta must not be negative, got {args.eta}")
+    device = pick_device(args.device)
+    if args.batch_size is None:
+        args.batch_size = 256 if device.type == "cuda" else 64
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    device = pick_device(args.device)
     amp_dtype(device, args.amp)
     if args.guidance_scale is None:
         args.guidance_scale = ckpt["config"].get("args", {}).get("guidance_scale", 0.0)

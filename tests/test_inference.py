@@ -121,6 +121,7 @@ def test_compiled_network_call_matches_eager(checkpoints):
     (["--eta", "-0.5"], "--eta must not be negative"),
     (["--num_samples", "0"], "--num_samples must be at least 1"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 is not supported on cpu"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(checkpoints, tmp_path, capsys, flags, message):
     args = ["--model_path", checkpoints[False], "--output_dir", str(tmp_path / "out")] + flags
