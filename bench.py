@@ -212,8 +212,7 @@ def main(argv=None):
     if args.json:
         from utils import write_json
         write_json(args.json, dict(device=str(device), torch=torch.__version__, amp=args.amp, compile=args.compile,
-                                   channels_last=args.channels_last,
-                                   batch_size=args.batch_size,
+                                   channels_last=args.channels_last, batch_size=args.batch_size,
                                    sample_batch=args.sample_batch, matmul_peak_flops=peak,
                                    peak_memory_mb=peak_memory_mb(device), rows=rows))
 

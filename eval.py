@@ -150,7 +150,8 @@ def main(argv=None):
     if args.model_path:
         settings.update(source=args.model_path, method=args.method, steps=method_steps(args, args.method) or diffusion.timesteps,
                         eta=args.eta, guidance_scale=args.guidance_scale if ckpt["conditional"] else None,
-                        seed=args.seed, ema=not args.no_ema, step=ckpt["step"], amp=args.amp)
+                        seed=args.seed, batch_size=args.batch_size, ema=not args.no_ema, step=ckpt["step"],
+                        amp=args.amp)
         start = time.perf_counter()
         x = generate(model, diffusion, args.num_samples, guidance_scale=args.guidance_scale, method=args.method,
                      steps=method_steps(args, args.method), eta=args.eta, batch_size=args.batch_size, seed=args.seed,
