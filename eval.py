@@ -22,8 +22,9 @@ import utils
 from data import to_uint8
 from ddpm_model import METHODS
 from metrics import Evaluator
-from sampling import (HelpFormatter, UserError, add_sampling_args, default_output_dir, generate, guarded, load_model, method_steps,
-                      pick_device)
+from sampling import (HelpFormatter, UserError, add_sampling_args, default_output_dir, generate, guarded, load_model,
+                      method_steps, pick_device)
+
 
 def add_noise(images: torch.Tensor, std: float = 60.0) -> torch.Tensor:
     """Gaussian pixel noise (std in 0..255 units), seeded."""

@@ -106,7 +106,7 @@ def load_model(args, methods):
         args.batch_size = 256 if device.type == "cuda" else 64
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    amp_dtype(device, args.amp)
+    amp_dtype(device, args.amp)  # --amp fp16 off CUDA fails here, before any work
     if args.guidance_scale is None:
         args.guidance_scale = ckpt["config"].get("args", {}).get("guidance_scale", 0.0)
     return ckpt, model, diffusion, device

@@ -172,7 +172,7 @@ class Trainer:
         self.device = pick_device(args.device)
         if self.device.type == "cuda" and world > 1:
             self.device = torch.device("cuda", local_rank)
-        self.amp_dtype = amp_dtype(self.device, args.amp)
+        amp = amp_dtype(self.device, args.amp)  # checked before the data is loaded
         torch.manual_seed(args.seed + rank)  # dropout differs per rank
         images, labels = load_mnist(args.data_dir, train=True)
         # The whole training set lives on the device as uint8 and is indexed per batch.
@@ -197,7 +197,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            **({"fused": True} if cuda else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
