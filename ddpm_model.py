@@ -286,15 +286,32 @@ class GaussianDiffusion(nn.Module):
 
     def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: Optional[dict] = None,
                       generator: Optional[torch.Generator] = None, t: Optional[torch.Tensor] = None,
-                      noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      noise: Optional[torch.Tensor] = None, min_snr_gamma: float = 0.0) -> torch.Tensor:
         """MSE between the network's output and the prediction target at uniformly drawn timesteps
-        (or at the given t, with the given noise)."""
+        (or at the given t, with the given noise).
+
+        min_snr_gamma > 0 weights each timestep as Min-SNR-gamma (Hang et al. 2023): the loss in x0
+        terms, SNR-weighted but capped at gamma, so that the many easy low-noise steps stop dominating
+        the gradient. 0 is the plain (unweighted) loss of the prediction target.
+        """
         if t is None:
             t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         out = model(self.q_sample(x0, t, noise), t, **(model_kwargs or {}))
-        return F.mse_loss(out.float(), self.target(x0, t, noise).float())
+        per_sample = (out.float() - self.target(x0, t, noise).float()).square().flatten(1).mean(1)
+        if min_snr_gamma > 0:
+            per_sample = per_sample * self.min_snr_weight(t, min_snr_gamma)
+        return per_sample.mean()
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """min(SNR, gamma) expressed for this prediction target: each target's MSE is the x0 MSE times
+        SNR (eps), 1 (x0) or SNR + 1 (v) up to a constant, so divide that factor out."""
+        snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
+        if self.prediction == "eps":
+            return (gamma / snr).clamp(max=1)  # min(SNR, gamma) / SNR, also 1 at SNR = 0
+        capped = snr.clamp(max=gamma)
+        return capped if self.prediction == "x0" else capped / (snr + 1)
 
     def posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and variance of q(x_{t-1} | x_t, x_0)."""

@@ -23,7 +23,7 @@ from data import to_uint8
 from ddpm_model import METHODS
 from metrics import Evaluator
 from sampling import (HelpFormatter, UserError, add_sampling_args, default_output_dir, generate, guarded, load_model,
-                      method_steps, pick_device)
+                      method_eta, method_steps, pick_device)
 
 
 def add_noise(images: torch.Tensor, std: float = 60.0) -> torch.Tensor:
@@ -150,12 +150,12 @@ def main(argv=None):
     evaluator = Evaluator(args.data_dir, inception=not args.no_inception, device=device, progress=True)
     if args.model_path:
         settings.update(source=args.model_path, method=args.method, steps=method_steps(args, args.method) or diffusion.timesteps,
-                        eta=args.eta, guidance_scale=args.guidance_scale if ckpt["conditional"] else None,
+                        eta=method_eta(args, args.method), guidance_scale=args.guidance_scale if ckpt["conditional"] else None,
                         seed=args.seed, batch_size=args.batch_size, ema=not args.no_ema, step=ckpt["step"],
                         amp=args.amp)
         start = time.perf_counter()
         x = generate(model, diffusion, args.num_samples, guidance_scale=args.guidance_scale, method=args.method,
-                     steps=method_steps(args, args.method), eta=args.eta, batch_size=args.batch_size, seed=args.seed,
+                     steps=method_steps(args, args.method), eta=method_eta(args, args.method), batch_size=args.batch_size, seed=args.seed,
                      device=device, progress=True, amp=args.amp, compile_mode=args.compile,
                      channels_last=args.channels_last)
         if ckpt["conditional"]:

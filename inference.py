@@ -16,7 +16,7 @@ import utils
 from data import to_uint8
 from ddpm_model import METHODS, make_generator
 from sampling import (HelpFormatter, UserError, add_sampling_args, default_output_dir, generate, guarded, load_model,
-                      method_steps)
+                      method_eta, method_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,9 +82,10 @@ def main(argv=None):
         labels, nrow = None, math.ceil(math.sqrt(args.num_samples))
     n = args.num_samples * (len(row_labels) if row_labels is not None else 1)
 
-    def sample(method, count=n, noise=None, y=labels, eta=args.eta, **extra):
+    def sample(method, count=n, noise=None, y=labels, eta=None, **extra):
         return generate(model, diffusion, count, labels=y, guidance_scale=args.guidance_scale, method=method,
-                        steps=method_steps(args, method), eta=eta, batch_size=args.batch_size,
+                        steps=method_steps(args, method), eta=method_eta(args, method) if eta is None else eta,
+                        batch_size=args.batch_size,
                         seed=args.seed, device=device, progress=True, noise=noise, amp=args.amp,
                         compile_mode=args.compile, channels_last=args.channels_last, **extra)
 
@@ -127,10 +128,10 @@ def main(argv=None):
             timings[method] = time.perf_counter() - start
         path = os.path.join(out_dir, "comparison.png")
         utils.save_comparison(grids, [f"DDPM, {diffusion.timesteps} steps ({timings['ddpm']:.1f} s)",
-                                      f"DDIM, {args.ddim_steps} steps, eta={args.eta} ({timings['ddim']:.1f} s)"],
+                                      f"DDIM, {args.ddim_steps} steps, eta={method_eta(args, 'ddim')} ({timings['ddim']:.1f} s)"],
                               path, nrow)
         utils.write_json(os.path.join(out_dir, "comparison.json"),
-                         dict(ddpm_steps=diffusion.timesteps, ddim_steps=args.ddim_steps, eta=args.eta,
+                         dict(ddpm_steps=diffusion.timesteps, ddim_steps=args.ddim_steps, eta=method_eta(args, "ddim"),
                               num_images=n, seconds=timings, speedup=timings["ddpm"] / timings["ddim"],
                               device=str(device)))
         print(f"DDPM {timings['ddpm']:.2f} s, DDIM {timings['ddim']:.2f} s "

@@ -58,12 +58,13 @@ def pick_device(name: str) -> torch.device:
 def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS, batch_size: Optional[int] = None) -> None:
     """The sampler flags inference.py and eval.py share."""
     p.add_argument("--model_path", help="a checkpoint from train.py or train_conditional.py")
-    p.add_argument("--method", choices=methods, default="ddpm",
+    p.add_argument("--method", choices=methods, default="dpm_solver",
                    help="ddpm: all T steps; ddim: --ddim_steps; dpm_solver: DPM-Solver++(2M) in --steps")
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
-    p.add_argument("--eta", type=float, default=0.0,
-                   help="DDIM and DPM-Solver++ noise: 0 deterministic (the ODE), 1 DDPM-like (the SDE)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM and DPM-Solver++ noise: 0 deterministic (the ODE), 1 DDPM-like (the SDE); "
+                        "None: 0 for ddim, 1 for dpm_solver (SDE-DPM-Solver++, the best fid_mnist per network call)")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance w (conditional models); default: the training run's")
     p.add_argument("--seed", type=int, default=0)
@@ -77,8 +78,8 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS, batch_size: O
 def add_speed_args(p: argparse.ArgumentParser, what: str) -> None:
     """--amp, --compile and --channels_last, shared by training, sampling and bench.py."""
     p.add_argument("--amp", choices=AMP_MODES, default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA, fp32 elsewhere (--amp bf16 pays on CPUs with AVX-512 "
-                        "BF16 or AMX; fp16 is CUDA-only)")
+                   help="autocast dtype; auto = bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, fp32 elsewhere "
+                        "(fp16 is CUDA-only)")
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
                    help=f"torch.compile {what}; MODE is one of {', '.join(COMPILE_MODES)} (default when given "
                         "bare; reduce-overhead adds CUDA graphs)")
@@ -99,7 +100,7 @@ def load_model(args, methods):
     for method, flag in (("ddim", "ddim_steps"), ("dpm_solver", "steps")):
         if method in methods and not 1 <= getattr(args, flag) <= T:
             raise UserError(f"--{flag} must be between 1 and the model's {T} timesteps, got {getattr(args, flag)}")
-    if args.eta < 0:
+    if args.eta is not None and args.eta < 0:
         raise UserError(f"--eta must not be negative, got {args.eta}")
     device = pick_device(args.device)
     if args.batch_size is None:
@@ -116,6 +117,13 @@ def method_steps(args, method: str) -> Optional[int]:
     return {"ddim": args.ddim_steps, "dpm_solver": args.steps}.get(method)
 
 
+def method_eta(args, method: str) -> float:
+    """--eta, or the method's default: the deterministic DDIM of the paper, the SDE form of DPM-Solver++."""
+    if args.eta is not None:
+        return args.eta
+    return 1.0 if method == "dpm_solver" else 0.0
+
+
 def default_output_dir(model_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(model_path)), name)
 
@@ -130,14 +138,25 @@ def guarded(main):
     return wrapper
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, slowly."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def amp_dtype(device: torch.device, amp: str) -> Optional[torch.dtype]:
     """The autocast dtype --amp asks for on `device`, or None for full fp32.
 
-    auto is bf16 on CUDA and fp32 elsewhere: bf16 changes the numbers, and only CPUs with AVX-512 BF16
-    or AMX run it faster (1.8x for the default model on this repo's Zen 4 CI machine), so the CPU opts in.
+    auto is bf16 on CUDA and on CPUs with native bf16, where it trains the CPU preset 1.57x and samples
+    1.8x faster than fp32 (docs/speed.md); fp32 on other CPUs, which emulate bf16, and on other devices.
     """
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        amp = "bf16" if native else "none"
     if amp == "none":
         return None
     if device.type not in ("cuda", "cpu") or (amp == "fp16" and device.type != "cuda"):

@@ -82,7 +82,10 @@ def build_parser(conditional: bool) -> argparse.ArgumentParser:
     g.add_argument("--ema_decay", type=float, default=0.9999, help="with warm-up min(decay, (1+n)/(10+n))")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--warmup_steps", type=int, default=500, help="linear LR warm-up, then cosine to 0")
+    g.add_argument("--warmup_steps", type=int, default=500,
+                   help="linear LR warm-up, then cosine to 0 at the end of the last epoch or of --time_budget")
+    g.add_argument("--min_snr_gamma", type=float, default=0.0,
+                   help="Min-SNR-gamma loss weighting (Hang et al. 2023); 0 is the plain loss")
     add_speed_args(g, "the network (training step and sampling)")
     g = p.add_argument_group("run length, logging and evaluation")
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -91,7 +94,7 @@ def build_parser(conditional: bool) -> argparse.ArgumentParser:
     g.add_argument("--eval_samples", type=int, default=1000, help="samples per evaluation")
     g.add_argument("--sample_method", choices=METHODS, default="dpm_solver", help="sampler for grids and evaluation")
     g.add_argument("--sample_steps", type=int, default=20, help="its steps (ddpm uses all T)")
-    g.add_argument("--sample_eta", type=float, default=0.0, help="its noise (ddim, dpm_solver): 0 the ODE, 1 the SDE")
+    g.add_argument("--sample_eta", type=float, default=1.0, help="its noise (ddim, dpm_solver): 0 the ODE, 1 the SDE")
     if conditional:
         g = p.add_argument_group("conditioning")
         g.add_argument("--num_classes", type=int, default=10)
@@ -110,7 +113,8 @@ def parse_args(argv, conditional: bool) -> argparse.Namespace:
                  "eval_freq", "log_every", "eval_samples", "sample_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "dropout", "ema_decay", "grad_clip", "weight_decay", "warmup_steps", "sample_eta"):
+    for name in ("lr", "dropout", "ema_decay", "grad_clip", "weight_decay", "warmup_steps", "sample_eta",
+                 "min_snr_gamma"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -146,6 +150,15 @@ def model_config(args) -> dict:
     if getattr(args, "num_classes", None):
         config["num_classes"] = args.num_classes
     return config
+
+
+def log_hparams(writer, run_args: dict, metrics: dict) -> None:
+    """The run's flags and final evaluation in TensorBoard's HParams tab, which lines up the runs under one
+    --logdir (a sweep, say) side by side. The metrics point at the eval/ scalars already logged."""
+    from torch.utils.tensorboard.summary import hparams
+    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_args.items()}
+    for summary in hparams(flat, {f"eval/{k}": v for k, v in metrics.items()}):
+        writer.file_writer.add_summary(summary)
 
 
 def init_distributed():
@@ -196,7 +209,6 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            **({"fused": True} if cuda else {}))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -209,23 +221,33 @@ class Trainer:
         self.epoch_start_state = self.data_gen.get_state()
         self.history = {"step": [], "loss": []}
         self.best = {"metric": None, "value": None, "step": None}
-        self.elapsed = 0.0  # training seconds over all sessions of this run
+        self.elapsed = 0.0  # training seconds over all sessions of this run, up to session_start
+        self.session_start = time.perf_counter()
         if ckpt is not None:
             self.load_state(ckpt)
+        self.last_metrics = {}
+        self.clock = self.elapsed  # training seconds as all ranks agreed at the last step: drives the LR
         self.stop_reason = None
 
     # -------------------------------------------------------------------------- schedule and state
 
-    def lr_factor(self, step: int) -> float:
+    def training_seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.session_start
+
+    def lr_factor(self) -> float:
+        """Linear warm-up, then a cosine to 0 at the end of the last epoch -- or, with --time_budget, at
+        the end of the budget if that comes first, so that a run of unknown length still anneals fully.
+        --max_steps and signals cut the schedule without changing it (a resumed run continues exactly)."""
         warmup = self.args.warmup_steps
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(self.total_steps - warmup, 1), 1.0)
-        return 0.5 * (1 + math.cos(math.pi * progress))
+        if self.step < warmup:
+            return (self.step + 1) / warmup
+        progress = (self.step - warmup) / max(self.total_steps - warmup, 1)
+        if self.args.time_budget is not None:
+            progress = max(progress, self.clock / (60 * self.args.time_budget))
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def train_state(self) -> dict:
-        state = dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                     scaler=self.scaler.state_dict(), step_in_epoch=self.step_in_epoch,
+        state = dict(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), step_in_epoch=self.step_in_epoch,
                      epoch_start_state=self.epoch_start_state, noise_gen=self.noise_gen.get_state(),
                      torch_rng=torch.get_rng_state(), history=self.history, best=self.best, elapsed=self.elapsed)
         if self.device.type == "cuda":
@@ -237,7 +259,6 @@ class Trainer:
         self.ema.load_state_dict(ckpt["ema"])
         s = ckpt["train_state"]
         self.optimizer.load_state_dict(s["optimizer"])
-        self.scheduler.load_state_dict(s["scheduler"])
         self.scaler.load_state_dict(s["scaler"])
         self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], s["step_in_epoch"]
         self.epoch_start_state = s["epoch_start_state"]
@@ -273,14 +294,16 @@ class Trainer:
             y = drop_labels(self.labels[idx], args.p_uncond, self.model.null_class, self.noise_gen)
             kwargs["y"] = y[share]
         with self.autocast():
-            loss = self.diffusion.training_loss(self.net, x0[share], kwargs, t=t[share], noise=noise[share])
+            loss = self.diffusion.training_loss(self.net, x0[share], kwargs, t=t[share], noise=noise[share],
+                                                min_snr_gamma=args.min_snr_gamma)
+        for group in self.optimizer.param_groups:
+            group["lr"] = args.lr * self.lr_factor()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip or float("inf"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
         self.update_ema()
         return loss.detach(), grad_norm.detach()
 
@@ -334,6 +357,7 @@ class Trainer:
         metrics.update({k: v for k, v in result.items() if v is not None})
         for name, value in metrics.items():
             writer.add_scalar(f"eval/{name}", value, self.step)
+        self.last_metrics = metrics
         key = "fid_mnist"
         if self.best["value"] is None or metrics[key] < self.best["value"]:
             self.best = {"metric": key, "value": metrics[key], "step": self.step}
@@ -352,17 +376,20 @@ class Trainer:
         self.stop_reason = signal.Signals(signum).name
         print(f"\n{self.stop_reason} received: finishing this step, then saving last.pth", flush=True)
 
-    def out_of_budget(self, session_start: float) -> bool:
-        """Whether to stop after this step; under DDP every rank adopts the strongest reason any rank has."""
+    def out_of_budget(self) -> bool:
+        """Whether to stop after this step; under DDP every rank adopts the strongest reason any rank has,
+        and the slowest rank's clock, so that all of them set the same learning rate."""
         a = self.args
+        self.clock = self.training_seconds()
         if a.max_steps is not None and self.step >= a.max_steps:
             self.stop_reason = self.stop_reason or "max_steps"
-        if a.time_budget is not None and self.elapsed + time.perf_counter() - session_start >= 60 * a.time_budget:
-            self.stop_reason = self.stop_reason or "time_budget"
         if self.world > 1:
-            code = torch.tensor(STOP_REASONS.index(self.stop_reason), device=self.device)
-            dist.all_reduce(code, op=dist.ReduceOp.MAX)
-            self.stop_reason = STOP_REASONS[int(code)]
+            shared = torch.tensor([STOP_REASONS.index(self.stop_reason), self.clock], device=self.device,
+                                  dtype=torch.float64)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            self.stop_reason, self.clock = STOP_REASONS[int(shared[0])], shared[1].item()
+        if a.time_budget is not None and self.clock >= 60 * a.time_budget:
+            self.stop_reason = self.stop_reason or "time_budget"
         return self.stop_reason is not None
 
     def log(self, writer, window: dict, grad_norm, bar, interactive: bool):
@@ -376,7 +403,7 @@ class Trainer:
             raise FloatingPointError(f"loss became {loss} at step {self.step}; last.pth keeps the last good state")
         images_per_sec = window["steps"] * self.args.batch_size / (time.perf_counter() - window["t"])
         if self.is_main:
-            lr = self.scheduler.get_last_lr()[0]
+            lr = self.optimizer.param_groups[0]["lr"]
             for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm.item()),
                                 ("images_per_sec", images_per_sec)):
                 writer.add_scalar(f"train/{name}", value, self.step)
@@ -408,13 +435,15 @@ class Trainer:
 
         a = self.args
         writer = SummaryWriter(os.path.join(self.exp_dir, "logs"), purge_step=self.step or None) if self.is_main else None
+        if writer is not None and self.step == 0:
+            writer.add_text("config", "```\n" + json.dumps(self.args.saved_config, indent=2) + "\n```")
         handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         interactive = sys.stdout.isatty() and self.is_main
-        session_start = time.perf_counter()
+        self.session_start = time.perf_counter()
         new_window = lambda: {"loss": torch.zeros((), device=self.device), "steps": 0, "t": time.perf_counter()}
         window, last_loss, images_per_sec = new_window(), None, None
         try:
-            self.out_of_budget(session_start)
+            self.out_of_budget()
             while self.epoch < a.epochs and self.stop_reason is None:
                 if self.step_in_epoch == 0:
                     self.epoch_start_state = self.data_gen.get_state()
@@ -430,7 +459,7 @@ class Trainer:
                     self.step += 1
                     self.step_in_epoch += 1
                     bar.update()
-                    stopping = self.out_of_budget(session_start)
+                    stopping = self.out_of_budget()
                     if self.step % a.log_every == 0 or stopping or self.step_in_epoch == self.steps_per_epoch:
                         last_loss, images_per_sec = self.log(writer, window, grad_norm, bar, interactive)
                         window = new_window()
@@ -440,15 +469,17 @@ class Trainer:
                 finished_epoch = self.step_in_epoch == self.steps_per_epoch
                 if finished_epoch:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                self.elapsed += time.perf_counter() - session_start
+                self.elapsed = self.training_seconds()
                 self.end_of_epoch(writer, self.stop_reason is not None or self.epoch >= a.epochs, finished_epoch)
-                session_start = time.perf_counter()  # evaluation and saving do not count against the budget
+                self.session_start = time.perf_counter()  # evaluation and saving do not count against the budget
             summary = dict(stopped_by=self.stop_reason or "epochs", steps=self.step, epochs=self.epoch,
                            final_loss=last_loss, best_loss=min(self.history["loss"], default=None),
                            best_model=dict(self.best), wall_time_s=round(self.elapsed, 1),
                            images_per_sec=images_per_sec, device=str(self.device), world_size=self.world)
             if self.is_main:
                 utils.write_json(os.path.join(self.exp_dir, "summary.json"), summary)
+                if self.last_metrics:
+                    log_hparams(writer, self.args.saved_config["args"], self.last_metrics)
                 if self.stop_reason in ("SIGINT", "SIGTERM"):
                     print(f"stopped by {self.stop_reason}; resume with --resume {os.path.join(self.exp_dir, 'last.pth')}")
             return summary
