@@ -12,7 +12,6 @@ evaluations per second of the sampling network call and the images/s that gives 
 and achieved FLOP/s against a matmul peak in the models' dtype, measured in the same run.
 Warm-up first, then the median of --repeats timings.
 """
-import argparse
 import os
 import resource
 import statistics
@@ -24,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import trainer as training
 from ddpm_model import GaussianDiffusion
-from sampling import HelpFormatter, add_speed_args, amp_dtype, pick_device
+from sampling import ArgumentParser, add_speed_args, amp_dtype, pick_device
 
 
 def sync(device):
@@ -114,8 +113,10 @@ def bench_diffusers(config, device, args, autocast):
         res = (res + 1) // 2
     model = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, layers_per_block=config["num_res_blocks"],
                         block_out_channels=tuple(mc * m for m in mults), norm_num_groups=min(32, mc),
-                        down_block_types=tuple("AttnDownBlock2D" if i in attn_levels else "DownBlock2D" for i in range(len(mults))),
-                        up_block_types=tuple("AttnUpBlock2D" if i in attn_levels else "UpBlock2D" for i in reversed(range(len(mults)))),
+                        down_block_types=tuple("AttnDownBlock2D" if i in attn_levels else "DownBlock2D"
+                                               for i in range(len(mults))),
+                        up_block_types=tuple("AttnUpBlock2D" if i in attn_levels else "UpBlock2D"
+                                             for i in reversed(range(len(mults)))),
                         act_fn=config["activation"], dropout=config["dropout"],
                         attention_head_dim=64).to(device)  # ours: heads of 64 channels
     if args.channels_last:
@@ -141,7 +142,7 @@ def bench_diffusers(config, device, args, autocast):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=None, help="default: 128 on CUDA, 32 on the CPU")
     p.add_argument("--sample_batch", type=int, default=None, help="default: 256 on CUDA, 64 on the CPU")
@@ -193,8 +194,8 @@ def main(argv=None):
                        note="needs 32x32; ours runs 28x28 natively")
                 for ours_size in (28, 32):
                     ours = next(r for r in rows if r["model"] == "ours/default" and r["image_size"] == ours_size)
-                    print(f"  ours@{ours_size} / diffusers@32: training {ours['train_images_per_s'] / rows[-1]['train_images_per_s']:.2f}x, "
-                          f"sampling {ours['sampling_nfe_per_s'] / rows[-1]['sampling_nfe_per_s']:.2f}x")
+                    train, sample = (ours[k] / rows[-1][k] for k in ("train_images_per_s", "sampling_nfe_per_s"))
+                    print(f"  ours@{ours_size} / diffusers@32: training {train:.2f}x, sampling {sample:.2f}x")
             del model, ema
 
     print(f"\n{device} ({torch.cuda.get_device_name(device) if cuda else os.cpu_count()} {'GPU' if cuda else 'CPU threads'}), "
@@ -210,7 +211,7 @@ def main(argv=None):
               f"{100 * r['train_fraction_of_matmul_peak']:.0f}% | "
               f"{'n/a' if r['sampler_loop_overhead'] is None else format(r['sampler_loop_overhead'], '.2f')} |")
     if args.json:
-        from utils import write_json
+        from fileio import write_json
         write_json(args.json, dict(device=str(device), torch=torch.__version__, amp=args.amp, compile=args.compile,
                                    channels_last=args.channels_last, batch_size=args.batch_size,
                                    sample_batch=args.sample_batch, matmul_peak_flops=peak,

@@ -15,13 +15,12 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
 import json
 import os
 import pickle
-import tempfile
-from typing import Optional
 
 import torch
 
 from conditional_ddpm import ConditionalUNet
 from ddpm_model import GaussianDiffusion, UNet
+from fileio import atomic_write
 
 FORMAT, VERSION = "ddpm-mnist-checkpoint", 1
 REQUIRED_KEYS = ("model_config", "diffusion_config", "conditional", "model", "ema", "step")
@@ -31,25 +30,9 @@ class CheckpointError(ValueError):
     """A file that cannot be used as a checkpoint; the message names the file and the problem."""
 
 
-def atomic_write(path: str, write) -> None:
-    """Call write(tmp_path), then rename onto `path`: a crash mid-write never leaves a torn file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result should read like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_checkpoint(path: str, model: torch.nn.Module, ema: torch.nn.Module, diffusion: GaussianDiffusion,
-                    step: int = 0, epoch: int = 0, train_state: Optional[dict] = None,
-                    config: Optional[dict] = None) -> None:
+                    step: int = 0, epoch: int = 0, train_state: dict | None = None,
+                    config: dict | None = None) -> None:
     state = dict(format=FORMAT, version=VERSION, model_config=dict(model.config),
                  diffusion_config=dict(diffusion.config), conditional=isinstance(model, ConditionalUNet),
                  model=model.state_dict(), ema=ema.state_dict(), step=int(step), epoch=int(epoch),
@@ -58,7 +41,7 @@ def save_checkpoint(path: str, model: torch.nn.Module, ema: torch.nn.Module, dif
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str, conditional: Optional[bool] = None, map_location="cpu") -> dict:
+def load_checkpoint(path: str, conditional: bool | None = None, map_location="cpu") -> dict:
     """Load and validate a checkpoint. `conditional`, if given, is the kind the caller needs."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
@@ -71,8 +54,10 @@ def load_checkpoint(path: str, conditional: Optional[bool] = None, map_location=
         if not is_zip:
             raise CheckpointError(f"{path} is not a PyTorch checkpoint") from None
         if isinstance(e, pickle.UnpicklingError):
-            detail = next((line for line in lines if "Unsupported global" in line), lines[-1])
-            raise CheckpointError(f"{path} holds objects that weights_only=True refuses to load ({detail[:160]})") from None
+            found = next((line for line in lines if "GLOBAL" in line), "")  # names the refused global
+            culprit = f" ({found.split('GLOBAL', 1)[1].split()[0]})" if found else ""
+            raise CheckpointError(f"{path} holds code or objects that are not plain tensors and numbers{culprit}; "
+                                  "it was not loaded, since loading it could run that code") from None
         raise CheckpointError(f"{path} is truncated or corrupt ({lines[0][:120]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not a DDPM checkpoint of this repository")

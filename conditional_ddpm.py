@@ -5,7 +5,6 @@ so every residual block sees the class. Label `num_classes` is the "null" class:
 in with probability p_uncond, and guided sampling contrasts the two predictions. Sampling goes
 through GaussianDiffusion.sample like the unconditional model, with `GuidedModel` as the model.
 """
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -26,14 +25,14 @@ class ConditionalUNet(UNet):
     def null_class(self) -> int:
         return self.num_classes
 
-    def embed(self, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None:
             y = torch.full_like(t, self.null_class)
         return super().embed(t) + self.class_embed(y)
 
 
 def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Replace each label by the null class with probability p_uncond (the CFG training trick)."""
     drop = torch.rand(y.shape, device=y.device, generator=generator) < p_uncond
     return torch.where(drop, torch.full_like(y, null_class), y)

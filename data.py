@@ -9,12 +9,11 @@ DataLoader workers.
 import gzip
 import hashlib
 import os
-import shutil
 
 import torch
 from torchvision import datasets
 
-from checkpoint import atomic_write
+from fileio import WriteError, atomic_write
 
 # torchvision looks for all four, whichever split is asked for
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -41,13 +40,20 @@ def _sha256(path: str) -> str:
 
 
 def _unpack(gz_path: str, out_path: str) -> None:
-    def write(tmp):
-        with gzip.open(gz_path, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
     try:
-        atomic_write(out_path, write)
+        with gzip.open(gz_path, "rb") as f:
+            raw = f.read()
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{gz_path} is corrupt or truncated ({e})") from None
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(raw)
+    try:
+        atomic_write(out_path, write)
+    except WriteError as e:
+        raise DataError(f"{e}; MNIST is unpacked beside its .gz files once, so {os.path.dirname(out_path)} "
+                        "must be writable the first time") from None
 
 
 def prepare_mnist(data_dir: str) -> bool:

@@ -6,7 +6,7 @@ same loops serve the unconditional model, the conditional one, classifier-free g
 closed-form oracles in the tests.
 """
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -81,7 +81,7 @@ class SelfAttention(nn.Module):
 class Level(nn.Module):
     """One resolution of the U-Net: residual blocks (each optionally followed by attention) and a resampler."""
 
-    def __init__(self, blocks: Sequence[nn.Module], attns: Sequence[nn.Module], resample: Optional[nn.Module]):
+    def __init__(self, blocks: Sequence[nn.Module], attns: Sequence[nn.Module], resample: nn.Module | None):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.attns = nn.ModuleList(attns)
@@ -163,11 +163,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def embed(self, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The embedding every residual block sees; the conditional model adds the class to it."""
         return self.time_mlp(timestep_embedding(t, self.model_channels))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.embed(t, y)
         h = self.input_conv(x)
         skips = [h]
@@ -191,20 +191,30 @@ class UNet(nn.Module):
 # The diffusion process
 # ----------------------------------------------------------------------------------------------
 
+def check_schedule(schedule: str, timesteps: int) -> None:
+    """ValueError for a schedule that is not a diffusion: unknown, or with betas above 1."""
+    if schedule not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {schedule!r}")
+    if timesteps < 1:
+        raise ValueError(f"timesteps must be at least 1, got {timesteps}")
+    if schedule == "linear" and timesteps < 20:  # the scaled betas end at 0.02 * 1000 / T
+        raise ValueError(f"the linear schedule needs --timesteps of at least 20 (its last beta, 20 / T, must not "
+                         f"exceed 1), got {timesteps}; the cosine schedule takes any T")
+
+
 def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
     """Linear 1e-4..0.02 (Ho et al., scaled to T) or cosine (Nichol & Dhariwal 2021), in float64."""
+    check_schedule(schedule, timesteps)
     if schedule == "linear":
         scale = 1000 / timesteps  # keeps the total noise of the T=1000 schedule for other T
         return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
-    if schedule == "cosine":
-        s = 0.008
-        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {schedule!r}")
+    s = 0.008  # cosine
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
 
 
-def make_generator(seed_or_generator, device) -> Optional[torch.Generator]:
+def make_generator(seed_or_generator, device) -> torch.Generator | None:
     """A torch.Generator on `device` from a seed, or the generator itself, or None (global RNG)."""
     if seed_or_generator is None or isinstance(seed_or_generator, torch.Generator):
         return seed_or_generator
@@ -284,9 +294,9 @@ class GaussianDiffusion(nn.Module):
             return x0
         return self._at(self.sqrt_ac, t, x0) * noise - self._at(self.sqrt_one_minus_ac, t, x0) * x0
 
-    def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: Optional[dict] = None,
-                      generator: Optional[torch.Generator] = None, t: Optional[torch.Tensor] = None,
-                      noise: Optional[torch.Tensor] = None, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict | None = None,
+                      generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+                      noise: torch.Tensor | None = None, min_snr_gamma: float = 0.0) -> torch.Tensor:
         """MSE between the network's output and the prediction target at uniformly drawn timesteps
         (or at the given t, with the given noise).
 
@@ -396,9 +406,9 @@ class GaussianDiffusion(nn.Module):
             yield t_int, x
 
     @torch.no_grad()
-    def sample(self, model: Callable, shape: Sequence[int], method: str = "ddpm", steps: Optional[int] = None,
-               eta: float = 0.0, spacing: Optional[str] = None, model_kwargs: Optional[dict] = None,
-               generator=None, x_T: Optional[torch.Tensor] = None, clip_denoised: bool = True,
+    def sample(self, model: Callable, shape: Sequence[int], method: str = "ddpm", steps: int | None = None,
+               eta: float = 0.0, spacing: str | None = None, model_kwargs: dict | None = None,
+               generator=None, x_T: torch.Tensor | None = None, clip_denoised: bool = True,
                progress: bool = False, return_intermediates: bool = False, device=None):
         """Draw samples with `method` in METHODS.
 

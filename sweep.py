@@ -3,6 +3,7 @@ sampler, score them with eval.py, and write one table (docs/cpu_recipe.md, rows 
 
     python sweep.py                          # every candidate: about 12 minutes each on 2 cores
     python sweep.py --only bf16,bf16_minsnr  # some of them
+    python sweep.py --only none              # no training: rewrite the table from its JSON
     python sweep.py --minutes 1 --num_samples 200 --out /tmp/quick --table /tmp/quick/table.md   # a quick look
 
 Each candidate is a full command line of train.py or train_conditional.py, so a row can be rerun by
@@ -10,7 +11,6 @@ hand. Candidates already in the table's JSON are kept (use --rerun to train them
 interrupted sweep continues where it stopped. Every run also lands in TensorBoard's HParams tab:
 `tensorboard --logdir checkpoints/sweep`.
 """
-import argparse
 import json
 import os
 import platform
@@ -18,38 +18,45 @@ import subprocess
 import sys
 import time
 
-from sampling import HelpFormatter
-from utils import write_json, write_text
+from fileio import write_json, write_text
+from sampling import ArgumentParser
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
+def flags(*groups: dict) -> list:
+    """A command line from flag dicts, later ones overriding earlier ones (so each flag appears once)."""
+    merged = {}
+    for group in groups:
+        merged.update(group)
+    return [part for name, value in merged.items() for part in (f"--{name}", str(value))]
+
+
 # The CPU preset before the sweep: 1.06M parameters, fp32, one epoch of batch 32.
-OLD_PRESET = ["--model_channels", "32", "--channel_mult", "1,2,2", "--num_res_blocks", "1",
-              "--attention_resolutions", "", "--dropout", "0", "--batch_size", "32", "--lr", "1e-3",
-              "--warmup_steps", "100", "--ema_decay", "0.999"]
+OLD_PRESET = dict(model_channels=32, channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="", dropout=0,
+                  batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999)
 # What every time-bound candidate shares: as many epochs as the budget allows, the LR annealed to the
 # budget's end, one evaluation (at the end).
-BUDGETED = ["--epochs", "100", "--save_freq", "100", "--eval_freq", "100"]
-BF16 = OLD_PRESET + BUDGETED + ["--amp", "bf16"]
+BF16 = dict(OLD_PRESET, epochs=100, save_freq=100, eval_freq=100, amp="bf16")
+MIN_SNR = dict(BF16, min_snr_gamma=5)
 
 # name: (script, flags, what it tries)
 CANDIDATES = {
-    "old_preset": ("train.py", OLD_PRESET + ["--epochs", "1", "--amp", "none"],
-                   "the previous preset: fp32, one epoch"),
-    "bf16": ("train.py", BF16, "bf16 autocast, epochs until the budget ends, LR annealed to it"),
-    "bf16_minsnr": ("train.py", BF16 + ["--min_snr_gamma", "5"], "+ Min-SNR-5 loss weighting"),
-    "bf16_v_minsnr": ("train.py", BF16 + ["--prediction", "v", "--min_snr_gamma", "5"],
-                      "+ v-prediction with Min-SNR-5"),
-    "bf16_attn7": ("train.py", BF16 + ["--min_snr_gamma", "5", "--attention_resolutions", "7"],
-                   "+ Min-SNR-5, self-attention at 7x7"),
-    "bf16_wide48": ("train.py", BF16 + ["--min_snr_gamma", "5", "--model_channels", "48"],
-                    "+ Min-SNR-5, 48 channels (2.3M parameters)"),
-    "bf16_bs64": ("train.py", BF16 + ["--min_snr_gamma", "5", "--batch_size", "64", "--lr", "2e-3"],
-                  "+ Min-SNR-5, batch 64 at LR 2e-3"),
-    "conditional_bf16_minsnr": ("train_conditional.py", BF16 + ["--min_snr_gamma", "5"],
-                                "conditional, bf16, Min-SNR-5, guidance 1"),
+    "old_preset": ("train.py", flags(OLD_PRESET, dict(epochs=1, amp="none")),
+                   "the previous preset: fp32, one epoch, which ends before the budget"),
+    "bf16": ("train.py", flags(BF16), "bf16 autocast, epochs until the budget ends, LR annealed to it"),
+    "bf16_minsnr": ("train.py", flags(MIN_SNR), "+ Min-SNR-5 loss weighting: now `--preset cpu`"),
+    "bf16_v_minsnr": ("train.py", flags(MIN_SNR, dict(prediction="v")), "+ v-prediction with Min-SNR-5"),
+    "bf16_124_attn7": ("train.py", flags(MIN_SNR, dict(channel_mult="1,2,4", attention_resolutions=7)),
+                       "+ Min-SNR-5, channels 32/64/128, self-attention at 7x7 (2.7M parameters)"),
+    "bf16_wide48": ("train.py", flags(MIN_SNR, dict(model_channels=48)),
+                    "+ Min-SNR-5, 48 channels (2.4M parameters)"),
+    "bf16_bs64": ("train.py", flags(MIN_SNR, dict(batch_size=64, lr=2e-3)), "+ Min-SNR-5, batch 64 at LR 2e-3"),
+    "bf16_lr2e-3": ("train.py", flags(MIN_SNR, dict(lr=2e-3)), "+ Min-SNR-5, LR 2e-3"),
+    "bf16_bs16": ("train.py", flags(MIN_SNR, dict(batch_size=16)), "+ Min-SNR-5, batch 16 (twice the steps)"),
+    "conditional_bf16_minsnr": ("train_conditional.py", flags(MIN_SNR),
+                                "conditional, bf16, Min-SNR-5, guidance 1: now `train_conditional.py --preset cpu`"),
 }
-COLUMNS = ("candidate", "images seen", "train img/s", "fid_mnist", "floor", "precision", "recall",
+COLUMNS = ("candidate", "steps", "images seen", "train s", "train img/s", "fid_mnist", "floor", "precision", "recall",
            "class_accuracy", "sampling s")
 
 
@@ -112,7 +119,8 @@ def write_table(rows, path, machine):
              "| " + " | ".join(COLUMNS) + " | what it tries | date |", "|" + "---|" * (len(COLUMNS) + 2)]
     for r in rows:
         what = CANDIDATES.get(r["candidate"], (None, None, ""))[2]
-        lines.append(f"| {r['candidate']} | {r['images_seen']:,} | {r['train_images_per_s']:.0f} | "
+        lines.append(f"| {r['candidate']} | {r['steps']:,} | {r['images_seen']:,} | {r['train_seconds']:.0f} | "
+                     f"{r['train_images_per_s']:.0f} | "
                      f"{r['fid_mnist']:.1f} | {r['floor_fid_mnist']:.1f} | {fmt(r['precision'])} | "
                      f"{fmt(r['recall'])} | {fmt(r['class_accuracy'])} | {r['sampling_seconds']:.0f} | {what} | "
                      f"{r['date']} |")
@@ -120,7 +128,7 @@ def write_table(rows, path, machine):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--only", default=None, help="comma-separated candidates (default: all): " + ", ".join(CANDIDATES))
     p.add_argument("--minutes", type=float, default=9.5, help="training budget of each candidate")
     p.add_argument("--num_samples", type=int, default=1000, help="samples each candidate is scored on")
@@ -129,7 +137,7 @@ def main(argv=None):
     p.add_argument("--table", default=os.path.join("docs", "cpu_recipe.md"), help="the Markdown table (+ .json)")
     p.add_argument("--rerun", action="store_true", help="train candidates again that the table already has")
     args = p.parse_args(argv)
-    names = args.only.split(",") if args.only else list(CANDIDATES)
+    names = [] if args.only == "none" else args.only.split(",") if args.only else list(CANDIDATES)
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         p.error(f"unknown candidates: {', '.join(unknown)}")
@@ -146,9 +154,10 @@ def main(argv=None):
         row = run_candidate(name, args)
         rows = [r for r in rows if r["candidate"] != name] + [row]
         write_json(rows_path, dict(machine=machine, rows=rows))
-        write_table(rows, args.table, machine)
         print(f"{name}: fid_mnist {row['fid_mnist']:.1f} (floor {row['floor_fid_mnist']:.1f}), "
               f"{row['images_seen']:,} images", flush=True)
+    if rows:
+        write_table(rows, args.table, machine)
 
 
 if __name__ == "__main__":

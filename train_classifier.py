@@ -4,22 +4,20 @@ to reproduce them:
 
     python train_classifier.py            # about 4 minutes on 2 CPU cores
 """
-import argparse
 import os
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from checkpoint import atomic_write
 from data import load_mnist
+from fileio import atomic_write, write_json
 from metrics import CLASSIFIER_PATH, MnistClassifier, classifier_outputs
-from sampling import HelpFormatter
-from utils import write_json
+from sampling import ArgumentParser
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -41,7 +39,8 @@ def main(argv=None):
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
             x = images[idx].unsqueeze(1).float() / 255
             # small random shifts (up to 2 px) so that slightly off-centre samples are still read right
-            x = torch.roll(F.pad(x, (2, 2, 2, 2)), shifts=tuple(torch.randint(-2, 3, (2,)).tolist()), dims=(2, 3))[..., 2:-2, 2:-2]
+            shift = tuple(torch.randint(-2, 3, (2,)).tolist())
+            x = torch.roll(F.pad(x, (2, 2, 2, 2)), shifts=shift, dims=(2, 3))[..., 2:-2, 2:-2]
             loss = F.cross_entropy(model(x)[1], labels[idx])
             opt.zero_grad()
             loss.backward()

@@ -10,6 +10,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,28 +21,40 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import fileio
 import utils
 from checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from conditional_ddpm import drop_labels
 from data import DataError, load_mnist, to_model_range, to_uint8
-from metrics import Evaluator
-from ddpm_model import BETA_SCHEDULES, METHODS, PREDICTIONS, GaussianDiffusion
-from sampling import (HelpFormatter, UserError, add_speed_args, amp_dtype, autocast, digit_rows, fail, generate,
-                      pick_device)
+from ddpm_model import BETA_SCHEDULES, METHODS, PREDICTIONS, GaussianDiffusion, check_schedule
+from metrics import MIN_SAMPLES, Evaluator
+from sampling import (
+    ArgumentParser,
+    UserError,
+    add_speed_args,
+    amp_dtype,
+    autocast,
+    digit_rows,
+    fail,
+    generate,
+    pick_device,
+)
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
-# A small model for people without a GPU: recognisable digits in under 10 minutes on 2 CPU cores.
+# A small model for machines without a GPU, the winner of sweep.py (docs/cpu_recipe.md): 9.5 minutes of
+# training, as many epochs as that allows, the learning rate annealed to the budget's end.
 PRESETS = {
     "cpu": dict(model_channels=32, channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="",
-                dropout=0.0, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999, epochs=1,
-                save_freq=1, eval_freq=1, eval_samples=200, time_budget=9.5),
+                dropout=0.0, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999, min_snr_gamma=5.0,
+                epochs=100, save_freq=1, eval_freq=1, eval_samples=200, time_budget=9.5),
 }
 # Why a run stops, in increasing strength: under DDP every rank adopts the strongest reason any rank has.
 STOP_REASONS = (None, "max_steps", "time_budget", "SIGINT", "SIGTERM")
 # What a resumed run may change; everything else comes from the checkpoint's config.
 RESUME_OVERRIDES = ("epochs", "max_steps", "time_budget", "device", "save_freq", "eval_freq", "log_every",
-                    "compile", "amp", "channels_last", "eval_samples")
+                    "compile", "amp", "channels_last", "eval_samples", "save_every_minutes", "data_dir")
+MNIST_CLASSES = 10
 
 
 def int_list(text: str) -> list:
@@ -50,8 +63,7 @@ def int_list(text: str) -> list:
 
 def build_parser(conditional: bool) -> argparse.ArgumentParser:
     kind = "a class-conditional" if conditional else "an unconditional"
-    p = argparse.ArgumentParser(description=f"Train {kind} DDPM on MNIST.",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=f"Train {kind} DDPM on MNIST.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named configuration; flags given on the command line override it. "
                         "cpu: " + ", ".join(f"{k}={v}" for k, v in PRESETS["cpu"].items()))
@@ -65,6 +77,8 @@ def build_parser(conditional: bool) -> argparse.ArgumentParser:
     p.add_argument("--data_dir", default="./data", help="holds MNIST/raw/ (shipped with the repository)")
     p.add_argument("--save_freq", type=int, default=10, help="epochs between sample grids and last.pth")
     p.add_argument("--eval_freq", type=int, default=5, help="epochs between evaluations (best_model.pth)")
+    p.add_argument("--save_every_minutes", type=float, default=10.0,
+                   help="also write last.pth after this much training time, mid-epoch too (0: only at --save_freq)")
     p.add_argument("--resume", default=None, metavar="PATH", help="a last.pth to continue exactly")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("model")
@@ -103,35 +117,64 @@ def build_parser(conditional: bool) -> argparse.ArgumentParser:
     return p
 
 
+def given_flags(parser: argparse.ArgumentParser, argv) -> set:
+    """The destinations of the flags on the command line itself (not defaults, not the preset's)."""
+    bare = copy.deepcopy(parser)
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv)))
+
+
 def parse_args(argv, conditional: bool) -> argparse.Namespace:
     parser = build_parser(conditional)
+    argv = sys.argv[1:] if argv is None else list(argv)
     preset = parser.parse_known_args(argv)[0].preset
     if preset:
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
+    args.given = given_flags(parser, argv)
+    if args.resume:
+        refused = sorted(args.given - set(RESUME_OVERRIDES) - {"resume"})
+        if refused:
+            parser.error(f"a resumed run keeps the configuration of its checkpoint; {' '.join('--' + n for n in refused)} "
+                         f"cannot change (what may: {' '.join('--' + n for n in RESUME_OVERRIDES)})")
     for name in ("epochs", "batch_size", "timesteps", "model_channels", "num_res_blocks", "save_freq",
-                 "eval_freq", "log_every", "eval_samples", "sample_steps"):
+                 "eval_freq", "log_every", "sample_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "dropout", "ema_decay", "grad_clip", "weight_decay", "warmup_steps", "sample_eta",
-                 "min_snr_gamma"):
+    for name in ("lr", "grad_clip", "weight_decay", "warmup_steps", "sample_eta", "min_snr_gamma",
+                 "save_every_minutes") + (("guidance_scale",) if conditional else ()):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
+    for name in ("dropout", "ema_decay"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max_steps must be at least 1, got {args.max_steps}")
     if args.time_budget is not None and args.time_budget <= 0:
         parser.error(f"--time_budget must be positive, got {args.time_budget}")
+    if args.eval_samples < MIN_SAMPLES:
+        parser.error(f"--eval_samples must be at least {MIN_SAMPLES} (the metrics need that many), "
+                     f"got {args.eval_samples}")
     try:
         args.channel_mult, args.attention_resolutions = int_list(args.channel_mult), int_list(args.attention_resolutions)
     except ValueError:
         parser.error("--channel_mult and --attention_resolutions take comma-separated integers")
-    if not args.channel_mult:
-        parser.error("--channel_mult needs at least one level")
+    if not args.channel_mult or min(args.channel_mult) < 1 or min(args.attention_resolutions, default=1) < 1:
+        parser.error("--channel_mult needs at least one level, and it and --attention_resolutions take positive "
+                     "integers")
     if args.image_size < 28 or args.image_size % 2:
         parser.error(f"--image_size must be an even number of at least 28, got {args.image_size}")
-    if conditional and (args.num_classes < 1 or not 0 <= args.p_uncond <= 1):
-        parser.error("--num_classes must be at least 1 and --p_uncond in [0, 1]")
-    args.explicit = [a[2:].split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")]
+    try:
+        check_schedule(args.beta_schedule, args.timesteps)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.sample_method != "ddpm" and args.sample_steps > args.timesteps:
+        parser.error(f"--sample_steps {args.sample_steps} is more than the {args.timesteps} --timesteps")
+    if conditional and args.num_classes < MNIST_CLASSES:
+        parser.error(f"--num_classes must be at least {MNIST_CLASSES}: MNIST has labels 0-9, got {args.num_classes}")
+    if conditional and not 0 <= args.p_uncond <= 1:
+        parser.error(f"--p_uncond must be in [0, 1], got {args.p_uncond}")
     return args
 
 
@@ -227,7 +270,9 @@ class Trainer:
             self.load_state(ckpt)
         self.last_metrics = {}
         self.clock = self.elapsed  # training seconds as all ranks agreed at the last step: drives the LR
-        self.stop_reason = None
+        self.saved_step = self.step if ckpt is not None else None  # what last.pth holds
+        self.saved_clock = self.clock
+        self.stop_reason, self.hurry = None, False
 
     # -------------------------------------------------------------------------- schedule and state
 
@@ -273,6 +318,12 @@ class Trainer:
         save_checkpoint(path, self.model, self.ema, self.diffusion, self.step, self.epoch, self.train_state(),
                         config=self.args.saved_config)
         return path
+
+    def checkpoint(self) -> None:
+        """last.pth, written by rank 0; every rank notes what it now holds, so that all decide alike."""
+        if self.is_main:
+            self.save("last.pth")
+        self.saved_step, self.saved_clock = self.step, self.clock
 
     # -------------------------------------------------------------------------- the step
 
@@ -373,8 +424,16 @@ class Trainer:
     # -------------------------------------------------------------------------- the loop
 
     def request_stop(self, signum, _frame) -> None:
-        self.stop_reason = signal.Signals(signum).name
-        print(f"\n{self.stop_reason} received: finishing this step, then saving last.pth", flush=True)
+        """First signal: finish the step, save, evaluate, exit 0. Second: stop as soon as last.pth is safe."""
+        name = signal.Signals(signum).name
+        if self.stop_reason in ("SIGINT", "SIGTERM"):
+            self.hurry = True
+            if self.saved_step == self.step:
+                raise KeyboardInterrupt
+            print(f"\n{name} again: stopping once last.pth is written", flush=True)
+            return
+        self.stop_reason = name
+        print(f"\n{name} received: finishing this step, then saving last.pth (again to stop sooner)", flush=True)
 
     def out_of_budget(self) -> bool:
         """Whether to stop after this step; under DDP every rank adopts the strongest reason any rank has,
@@ -400,7 +459,9 @@ class Trainer:
             loss = loss / self.world
         loss = loss.item()
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {self.step}; last.pth keeps the last good state")
+            kept = (f"last.pth keeps step {self.saved_step}, the last good state" if self.saved_step is not None
+                    else "no checkpoint had been written yet")
+            raise FloatingPointError(f"loss became {loss} at step {self.step}; {kept}")
         images_per_sec = window["steps"] * self.args.batch_size / (time.perf_counter() - window["t"])
         if self.is_main:
             lr = self.optimizer.param_groups[0]["lr"]
@@ -413,21 +474,37 @@ class Trainer:
                       f"{images_per_sec:.0f} img/s", flush=True)
         self.history["step"].append(self.step)
         self.history["loss"].append(loss)
-        return loss, images_per_sec
+        return images_per_sec
 
     def end_of_epoch(self, writer, final: bool, finished_epoch: bool) -> None:
-        """Evaluation, sample grid and last.pth on rank 0 when due; the other ranks wait for it."""
+        """last.pth, then sample grid and evaluation, on rank 0 when due; the other ranks wait for it.
+
+        The checkpoint comes first and the rest cannot lose it: a failing evaluation or plot is reported
+        and the run goes on (a bug in a metric must not cost a 100-epoch run)."""
         a = self.args
-        if self.is_main:
-            if final or (finished_epoch and self.epoch % a.eval_freq == 0):
-                metrics = self.evaluate(writer)
+        if final or (finished_epoch and self.epoch % a.save_freq == 0):
+            self.checkpoint()
+            if self.hurry:
+                raise KeyboardInterrupt
+            if self.is_main:
+                self.survive("sample grid", lambda: self.write_samples(writer), writer)
+                self.survive("plots", self.write_visualizations, writer)
+        if self.is_main and (final or (finished_epoch and self.epoch % a.eval_freq == 0)):
+            metrics = self.survive("evaluation", lambda: self.evaluate(writer), writer)
+            if metrics:
                 print("evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-            if final or (finished_epoch and self.epoch % a.save_freq == 0):
-                self.write_samples(writer)
-                self.save("last.pth")
-                self.write_visualizations()
         if self.world > 1:
             dist.barrier()
+
+    def survive(self, what: str, work, writer):
+        """work(), or None with a warning on stderr and in TensorBoard if it fails for any reason but a stop."""
+        try:
+            return work()
+        except Exception as e:  # noqa: BLE001 -- whatever went wrong, the run and its checkpoint go on
+            message = f"{what} failed at step {self.step} and was skipped: {type(e).__name__}: {e}"
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+            writer.add_text("warnings", message, self.step)
+            return None
 
     def train(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
@@ -441,10 +518,12 @@ class Trainer:
         interactive = sys.stdout.isatty() and self.is_main
         self.session_start = time.perf_counter()
         new_window = lambda: {"loss": torch.zeros((), device=self.device), "steps": 0, "t": time.perf_counter()}
-        window, last_loss, images_per_sec = new_window(), None, None
+        window, images_per_sec, first_step = new_window(), None, self.step
         try:
-            self.out_of_budget()
-            while self.epoch < a.epochs and self.stop_reason is None:
+            if self.out_of_budget():
+                print(f"nothing to train: the run is at step {self.step} ({self.stop_reason})", flush=True)
+                return None
+            while self.epoch < a.epochs and not self.out_of_budget():  # a stop during an epoch's evaluation too
                 if self.step_in_epoch == 0:
                     self.epoch_start_state = self.data_gen.get_state()
                 self.data_gen.set_state(self.epoch_start_state)
@@ -460,9 +539,14 @@ class Trainer:
                     self.step_in_epoch += 1
                     bar.update()
                     stopping = self.out_of_budget()
-                    if self.step % a.log_every == 0 or stopping or self.step_in_epoch == self.steps_per_epoch:
-                        last_loss, images_per_sec = self.log(writer, window, grad_norm, bar, interactive)
+                    save_due = (a.save_every_minutes > 0 and not stopping
+                                and self.clock - self.saved_clock >= 60 * a.save_every_minutes)
+                    if (self.step % a.log_every == 0 or stopping or save_due
+                            or self.step_in_epoch == self.steps_per_epoch):  # checks the loss before any save
+                        images_per_sec = self.log(writer, window, grad_norm, bar, interactive)
                         window = new_window()
+                    if save_due:
+                        self.checkpoint()
                     if stopping:
                         break
                 bar.close()
@@ -472,12 +556,16 @@ class Trainer:
                 self.elapsed = self.training_seconds()
                 self.end_of_epoch(writer, self.stop_reason is not None or self.epoch >= a.epochs, finished_epoch)
                 self.session_start = time.perf_counter()  # evaluation and saving do not count against the budget
+            if self.saved_step != self.step:  # stopped while an epoch end that saved nothing was evaluating
+                self.end_of_epoch(writer, final=True, finished_epoch=False)
             summary = dict(stopped_by=self.stop_reason or "epochs", steps=self.step, epochs=self.epoch,
-                           final_loss=last_loss, best_loss=min(self.history["loss"], default=None),
+                           steps_this_session=self.step - first_step,
+                           final_loss=self.history["loss"][-1] if self.history["loss"] else None,
+                           best_loss=min(self.history["loss"], default=None),
                            best_model=dict(self.best), wall_time_s=round(self.elapsed, 1),
                            images_per_sec=images_per_sec, device=str(self.device), world_size=self.world)
             if self.is_main:
-                utils.write_json(os.path.join(self.exp_dir, "summary.json"), summary)
+                fileio.write_json(os.path.join(self.exp_dir, "summary.json"), summary)
                 if self.last_metrics:
                     log_hparams(writer, self.args.saved_config["args"], self.last_metrics)
                 if self.stop_reason in ("SIGINT", "SIGTERM"):
@@ -490,23 +578,57 @@ class Trainer:
                 writer.close()
 
 
+# What a run writes; a folder holding only these (and no checkpoint) is a run that died before its first
+# save, which a new run may replace.
+RUN_ARTEFACTS = ("config.json", "logs", "samples", "visualizations", "summary.json")
+
+
+def prepare_new_run_dir(exp_dir: str) -> None:
+    """Create the experiment folder, refusing to overwrite a run that has something to resume."""
+    output_dir = os.path.dirname(exp_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output_dir {output_dir} is a file, not a folder")
+    if os.path.exists(exp_dir) and not os.path.isdir(exp_dir):
+        raise UserError(f"{exp_dir} is a file, not a folder; choose another --experiment_name or --output_dir")
+    if os.path.isdir(exp_dir):
+        checkpoints = [name for name in ("last.pth", "best_model.pth") if os.path.isfile(os.path.join(exp_dir, name))]
+        if checkpoints:
+            raise UserError(f"{exp_dir} already holds a run; continue it with --resume "
+                            f"{os.path.join(exp_dir, checkpoints[0])} or choose another --experiment_name")
+        fileio.remove_stale_temporaries(exp_dir)
+        others = sorted(set(os.listdir(exp_dir)) - set(RUN_ARTEFACTS))
+        if others:
+            raise UserError(f"{exp_dir} holds files that are not a run's ({', '.join(others[:3])}); "
+                            "choose another --experiment_name")
+        if os.listdir(exp_dir):
+            print(f"{exp_dir} holds a run that stopped before its first checkpoint: starting it over", flush=True)
+            for name in os.listdir(exp_dir):
+                path = os.path.join(exp_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    try:
+        os.makedirs(exp_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {exp_dir}: {e.strerror}") from None
+
+
 def setup(args, conditional: bool, world: int = 1, check_new: bool = True):
     """Resolve the experiment directory and configuration; refuse to overwrite an existing run."""
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, conditional=conditional)
         for name, value in ckpt["config"]["args"].items():
-            if name != "resume" and not (name in RESUME_OVERRIDES and name in args.explicit):
+            if name in vars(args) and name != "resume" and name not in args.given:
                 setattr(args, name, value)
         exp_dir = os.path.dirname(os.path.abspath(args.resume))
+        fileio.remove_stale_temporaries(exp_dir)
     else:
         kind = "conditional" if conditional else "ddpm"
         args.experiment_name = args.experiment_name or f"{kind}_{datetime.datetime.now():%Y%m%d-%H%M%S}"
         exp_dir = os.path.join(args.output_dir, args.experiment_name)
-        if check_new and os.path.exists(exp_dir) and os.listdir(exp_dir):
-            raise UserError(f"{exp_dir} already exists; continue it with --resume {os.path.join(exp_dir, 'last.pth')} "
-                            f"or choose another --experiment_name")
-    run_args = {k: v for k, v in vars(args).items() if k != "explicit"}
+        if check_new:
+            prepare_new_run_dir(exp_dir)
+    args.data_dir = os.path.abspath(args.data_dir)  # a resumed run may start from another folder
+    run_args = {k: v for k, v in vars(args).items() if k != "given"}
     args.saved_config = dict(args=run_args, preset=PRESETS.get(args.preset), conditional=conditional,
                              world_size=world, torch=torch.__version__,
                              torchvision=__import__("torchvision").__version__, git_commit=git_commit(),
@@ -518,6 +640,7 @@ def main(argv=None, conditional: bool = False) -> dict:
     """Train; under torchrun every process runs this, and rank 0 alone writes the experiment directory."""
     args = parse_args(argv, conditional)
     rank, world, local_rank = init_distributed()
+    exp_dir = None
     try:
         error = None
         try:
@@ -534,21 +657,27 @@ def main(argv=None, conditional: bool = False) -> dict:
         if error is not None:
             raise UserError(error)
         trainer = Trainer(args, conditional, exp_dir, ckpt, rank, world, local_rank)
-    except (UserError, CheckpointError, DataError) as e:
+        if trainer.is_main:
+            fileio.write_json(os.path.join(exp_dir, "config.json"), args.saved_config)  # once the run can start
+    except (UserError, CheckpointError, DataError, fileio.WriteError) as e:
+        if rank == 0 and not args.resume and exp_dir and os.path.isdir(exp_dir) and not os.listdir(exp_dir):
+            os.rmdir(exp_dir)  # nothing written when a run cannot start
         fail(str(e))
     try:
         if trainer.is_main:
-            utils.write_json(os.path.join(exp_dir, "config.json"), args.saved_config)  # once the run can start
             print(f"experiment: {exp_dir} ({trainer.device} x {world}, "
                   f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
                   f"{trainer.steps_per_epoch} steps/epoch)", flush=True)
         summary = trainer.train()
-    except FloatingPointError as e:
+    except (FloatingPointError, fileio.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"stopped at once by a second signal; last.pth holds step {trainer.saved_step}", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if trainer.is_main:
+    if trainer.is_main and summary is not None:
         print(json.dumps(summary, indent=2))
     return summary

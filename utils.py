@@ -3,8 +3,7 @@
 Every writer goes through a temporary file and a rename, so an interrupted run never leaves a
 half-written PNG behind.
 """
-import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -14,25 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
-from checkpoint import atomic_write  # noqa: E402
-
-
-def write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-def write_json(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def save_npz(path: str, **arrays) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-    atomic_write(path, write)
+from fileio import atomic_write  # noqa: E402
 
 
 def as_unit_range(images: torch.Tensor) -> torch.Tensor:

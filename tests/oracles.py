@@ -27,7 +27,8 @@ class GaussianOracle:
         self.means = torch.as_tensor(means, dtype=torch.float64)
         self.s, self.ac, self.prediction = s, alphas_cumprod, prediction
         n = len(self.means)
-        self.weights = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.weights = (torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None
+                        else torch.as_tensor(weights, dtype=torch.float64))
 
     def posterior_mean(self, x, a, means):
         k = a.sqrt() * self.s ** 2 / (a * self.s ** 2 + 1 - a)

@@ -74,7 +74,7 @@ def test_timestep_spacings():
     assert select_timesteps(1000, 5, "trailing") == [999, 799, 599, 399, 199]
     assert select_timesteps(1000, 1000, "uniform") == list(range(999, -1, -1))
     ac = GaussianDiffusion(1000).alphas_cumprod
-    for T, steps in ((1000, 20), (1000, 1000), (20, 3), (20, 20), (10, 1)):
+    for T, steps in ((1000, 20), (1000, 1000), (20, 3), (20, 20), (20, 1)):
         ts = select_timesteps(T, steps, "logsnr", GaussianDiffusion(T).alphas_cumprod)
         assert len(set(ts)) == steps and ts == sorted(ts, reverse=True) and 0 <= ts[-1] and ts[0] <= T - 1
     log_snr = (ac / (1 - ac)).log()
@@ -215,3 +215,35 @@ def test_intermediates_run_from_noise_to_the_sample():
                         generator=0, return_intermediates=True)
     assert [t for t, _ in inter] == [T] + select_timesteps(T, 10)
     assert torch.equal(inter[-1][1], x)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weighting_is_the_same_x0_loss_for_every_target(gamma):
+    """Min-SNR-gamma is min(SNR, gamma) * |x0_hat - x0|^2 whatever the network predicts: the same x0
+    prediction, expressed as eps, x0 or v, gives the same weighted loss, computed here from that formula."""
+    from oracles import to_target
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(256, 1, 2, 2, generator=g), torch.randn(256, 1, 2, 2, generator=g)
+    t = torch.randint(0, T, (256,), generator=g)
+    x0_hat = x0 + 0.1 * torch.randn(x0.shape, generator=g)  # an imperfect network's x0 prediction
+    ac = linear_alphas_cumprod()[t].view(-1, 1, 1, 1)
+    snr = (ac / (1 - ac)).flatten()
+    expected = (snr.clamp(max=gamma) * (x0_hat - x0).double().square().flatten(1).mean(1)).mean()
+    for prediction in ("eps", "x0", "v"):
+        d = GaussianDiffusion(T, prediction=prediction)
+        x_t = d.q_sample(x0, t, noise)
+        out = to_target(x0_hat.double(), x_t.double(), ac, prediction).float()
+        loss = d.training_loss(lambda x, tt: out, x0, t=t, noise=noise, min_snr_gamma=gamma)
+        assert loss.item() == pytest.approx(expected.item(), rel=2e-3), prediction
+    plain = GaussianDiffusion(T).training_loss(lambda x, tt: noise + 0.5, x0, t=t, noise=noise)
+    assert plain.item() == pytest.approx(0.25)  # gamma 0: the unweighted MSE of the target
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_last_step_returns_the_clean_x0_prediction(method):
+    """The final step hands back the (clipped) x0 prediction, so no leftover noise reaches the image: a
+    network whose x0 predictions are far outside [-1, 1] still yields images exactly in range."""
+    d = GaussianDiffusion(T)
+    wild = lambda x, t: -10 * x  # eps predictions that put x0 far outside the data range
+    x = d.sample(wild, (64, 1, 2, 2), method, steps=10, generator=0)
+    assert x.abs().max() <= 1 and (x.abs() == 1).float().mean() > 0.5

@@ -13,7 +13,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from conditional_ddpm import ConditionalUNet
 from conftest import DATA_DIR
 from ddpm_model import GaussianDiffusion, UNet
-from sampling import generate
+from sampling import amp_dtype, cpu_has_native_bf16, generate
 
 TINY = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(14,), dropout=0.0)
 
@@ -97,16 +97,19 @@ def test_speed_flags_keep_the_samples(checkpoints, conditional):
                                            guidance_scale=1.0, channels_last=nhwc)
     nhwc, fp32, bf16, auto = run("none", True), run("none"), run("bf16"), run("auto")
     assert torch.allclose(nhwc, fp32, atol=1e-5)
-    assert torch.equal(auto, fp32)  # the CPU stays in fp32 unless asked
+    native = cpu_has_native_bf16()  # auto is bf16 only where the CPU computes it natively
+    assert amp_dtype(torch.device("cpu"), "auto") == (torch.bfloat16 if native else None)
+    assert torch.equal(auto, bf16 if native else fp32)
     diff = (bf16 - fp32).abs()
     assert 0 < diff.max() and diff.mean() < 0.02  # bf16 really ran, and kept the images
 
 
+@pytest.mark.slow  # torch.compile takes half a minute on the CPU
 def test_compiled_network_call_matches_eager(checkpoints):
     from torch._dynamo.utils import counters
     model, diffusion = tiny_model(checkpoints, True)  # the guided model, two branches per call
     run = lambda mode: generate(model, diffusion, 6, method="dpm_solver", steps=3, seed=2, compile_mode=mode,
-                                guidance_scale=1.5)
+                                guidance_scale=1.5, amp="none")
     torch._dynamo.reset()
     compiled = run("default")
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo really captured the network

@@ -7,8 +7,15 @@ from PIL import Image
 import eval as eval_script
 from conftest import DATA_DIR
 from data import load_mnist
-from metrics import (Evaluator, feature_stats, frechet_distance, inception_features, inception_score,
-                     load_inception, precision_recall)
+from metrics import (
+    Evaluator,
+    feature_stats,
+    frechet_distance,
+    inception_features,
+    inception_score,
+    load_inception,
+    precision_recall,
+)
 from sampling import UserError
 
 
@@ -78,9 +85,9 @@ def test_input_formats_are_read_right(make):
 
 
 def test_png_folder_and_bad_inputs(tmp_path):
-    u = load_mnist(DATA_DIR, train=False)[0][:5].numpy()
+    u = load_mnist(DATA_DIR, train=False)[0][:12].numpy()
     for i, img in enumerate(u):
-        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        Image.fromarray(img).save(tmp_path / f"{i:02d}.png")
     images, labels = eval_script.load_samples(str(tmp_path))
     assert np.array_equal(images.numpy(), u) and labels is None
     with pytest.raises(UserError, match="shape"):
@@ -125,3 +132,43 @@ def test_inception_features():
     white = inception_features(net, torch.full((1, 28, 28), 255, dtype=torch.uint8))
     black = inception_features(net, torch.zeros((1, 28, 28), dtype=torch.uint8))
     assert not np.allclose(white, black)
+
+
+class BrightnessClassifier(torch.nn.Module):
+    """A stand-in for Inception's classifier: class k of 1008 for a flat image of intensity 25k, read
+    after the preprocessing (299x299, [-1, 1]) that the real network gets."""
+
+    def forward(self, x):
+        assert x.shape[1:] == (3, 299, 299) and -1 <= x.min() and x.max() <= 1
+        level = x.mean(dim=(1, 2, 3))
+        centres = 2 * (25 * torch.arange(10, dtype=x.dtype)) / 255 - 1
+        logits = torch.full((len(x), 1008), -1e4, dtype=x.dtype)
+        logits[:, :10] = -1e4 * (level[:, None] - centres[None]).square()
+        return logits
+
+
+def test_inception_score_path_with_a_stand_in_network():
+    from metrics import inception_probabilities
+    images = (25 * (torch.arange(100) % 10)).to(torch.uint8)[:, None, None].expand(100, 28, 28)
+    probs = inception_probabilities(BrightnessClassifier(), images, batch_size=32)
+    assert probs.shape == (100, 1008)
+    assert (probs.argmax(axis=1) == np.arange(100) % 10).all()
+    mean, std = inception_score(probs)
+    assert mean == pytest.approx(10, rel=1e-6) and std < 1e-6  # ten classes, equally often, confidently
+    assert inception_score(inception_probabilities(BrightnessClassifier(), images[:10] * 0))[0] == pytest.approx(1)
+
+
+def test_inception_classifier_loads_a_local_weights_file(tmp_path):
+    """The real weights are pytorch-fid's download, which these tests cannot make: a round trip of the same
+    architecture with random weights, and a refusal of other files."""
+    from metrics import CLASSIFIER_PATH, fid_inception_classifier, load_inception_classifier
+    torch.manual_seed(0)
+    net = fid_inception_classifier()
+    torch.save(net.state_dict(), tmp_path / "fid.pth")
+    loaded = load_inception_classifier(str(tmp_path / "fid.pth"))
+    assert not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values()))
+    assert loaded(torch.zeros(2, 3, 299, 299)).shape == (2, 1008)
+    for path in (CLASSIFIER_PATH, str(tmp_path / "missing.pth")):  # another network's weights; no file
+        with pytest.raises(ValueError, match="is not pytorch-fid's pt_inception-2015-12-05 state dict"):
+            load_inception_classifier(path)

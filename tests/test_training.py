@@ -1,5 +1,6 @@
 """End-to-end training runs on a tiny model with the real MNIST shipped in the repository."""
 import json
+import math
 import os
 import re
 import shutil
@@ -73,6 +74,10 @@ def test_end_to_end_artefacts(train_flags, tmp_path, conditional):
     assert ("eval/class_accuracy" in tags["scalars"]) == conditional
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
     assert "samples" in tags["images"]
+    assert "config/text_summary" in tags["tensors"]  # the configuration, as text
+    hparams = events.PluginTagToContent("hparams")  # and the HParams tab: flags against final metrics
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    assert b"fid_mnist" in hparams["_hparams_/experiment"] and b"model_channels" in hparams["_hparams_/experiment"]
 
 
 def test_resume_is_exact(train_flags):
@@ -96,7 +101,8 @@ def test_speed_flags_keep_the_training_step(train_flags):
     whose loss and gradients involve the whole network): --channels_last changes only the layout,
     --amp bf16 is honoured on the CPU and changes them slightly."""
     results = {}
-    for name, flags in (("plain", []), ("nhwc", ["--channels_last"]), ("bf16", ["--amp", "bf16"])):
+    for name, flags in (("plain", ["--amp", "none"]), ("nhwc", ["--channels_last", "--amp", "none"]),
+                        ("bf16", ["--amp", "bf16"])):
         args = trainer.parse_args(train_flags + ["--experiment_name", name] + flags, conditional=False)
         tr = trainer.Trainer(args, False, trainer.setup(args, False)[0])
         out_conv = tr.model.out[-1].weight
@@ -137,6 +143,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(train_flags, tmp_path, mo
     assert all(torch.equal(after["ema"][k], v) for k, v in good["ema"].items())
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "train.py"), *TINY_FLAGS, "--output_dir", str(tmp_path),
            "--experiment_name", "sig", "--log_every", "1"]
@@ -188,10 +195,11 @@ def test_bad_resume_and_existing_directory(capsys, train_flags, tmp_path):
     cond = tmp_path / "runs" / "cond" / "last.pth"
     expect_exit_2(capsys, ["--resume", str(cond)], conditional=False, message="is a conditional checkpoint")
     before = sorted(os.listdir(tmp_path / "runs" / "cond"))
-    expect_exit_2(capsys, train_flags + ["--experiment_name", "cond"], conditional=True, message="already exists")
+    expect_exit_2(capsys, train_flags + ["--experiment_name", "cond"], conditional=True, message="already holds a run")
     assert sorted(os.listdir(tmp_path / "runs" / "cond")) == before
 
 
+@pytest.mark.slow
 def test_cli_help_shows_defaults():
     out = subprocess.run([sys.executable, os.path.join(REPO, "train_conditional.py"), "--help"],
                          capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"}).stdout
@@ -207,3 +215,35 @@ def test_padded_image_size(train_flags, tmp_path):
     ckpt = load_checkpoint(str(tmp_path / "runs" / "pad" / "last.pth"))
     assert ckpt["model_config"]["image_size"] == 32
     assert Image.open(tmp_path / "runs" / "pad" / "samples" / "epoch_000.png").size == (10 * 34 + 2, 10 * 34 + 2)
+
+
+def test_lr_schedule_ends_with_the_time_budget(train_flags):
+    """Warm-up by steps, then a cosine over the budget when --time_budget ends the run before the epochs do."""
+    args = trainer.parse_args(train_flags + ["--experiment_name", "lr", "--time_budget", "10", "--warmup_steps", "2"],
+                              conditional=False)
+    tr = trainer.Trainer(args, False, trainer.setup(args, False)[0])
+    tr.step = 1
+    assert tr.lr_factor() == pytest.approx(1.0)  # (1 + 1) / 2: the end of the warm-up
+    tr.step = 10  # far from the end of the 100 epochs: the clock decides
+    for seconds, factor in ((0, 1.0), (150, 0.5 * (1 + math.cos(math.pi / 4))), (300, 0.5), (600, 0.0), (900, 0.0)):
+        tr.clock = seconds
+        assert tr.lr_factor() == pytest.approx(factor, abs=1e-3), seconds
+    tr.args.time_budget = None  # without a budget the step count decides: 10 of 375,000 steps, still at the top
+    assert tr.lr_factor() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_budgeted_run_stops_near_zero_lr(train_flags, tmp_path):
+    run(train_flags + ["--experiment_name", "anneal", "--time_budget", "0.05", "--log_every", "1"])
+    events = EventAccumulator(str(tmp_path / "runs" / "anneal" / "logs"))
+    events.Reload()
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert len(lrs) > 5 and max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.1 * max(lrs)
+
+
+def test_cpu_preset_sets_the_swept_recipe_and_flags_override_it():
+    args = trainer.parse_args(["--preset", "cpu", "--lr", "5e-4"], conditional=True)
+    preset = trainer.PRESETS["cpu"]
+    assert args.lr == 5e-4  # given on the command line: it wins
+    assert args.time_budget == preset["time_budget"] and args.min_snr_gamma == preset["min_snr_gamma"] > 0
+    assert args.channel_mult == [int(v) for v in preset["channel_mult"].split(",")]
+    assert trainer.parse_args([], conditional=False).time_budget is None  # no preset: the documented defaults
