@@ -86,9 +86,11 @@ def test_bad_training_flags_write_nothing(capsys, train_flags, tmp_path, flags, 
     assert not (tmp_path / "runs").exists()
 
 
-def test_num_classes_below_the_labels_is_refused(capsys, train_flags):
+def test_conditional_flags_are_checked(capsys, train_flags):
     exits_2(capsys, lambda: run(train_flags + ["--num_classes", "5"], conditional=True),
             "--num_classes must be at least 10: MNIST has labels 0-9")
+    exits_2(capsys, lambda: run(train_flags + ["--guidance_scale", "-1"], conditional=True),
+            "--guidance_scale must not be negative")
 
 
 def test_short_linear_schedule_trains(train_flags):
