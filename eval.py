@@ -163,15 +163,13 @@ def main(argv=None):
         raise UserError("give exactly one of --model_path, --samples or --real")
     if args.num_samples < MIN_SAMPLES:
         raise UserError(f"--num_samples must be at least {MIN_SAMPLES} (the metrics need that many), got {args.num_samples}")
-    if args.save_dir:
-        check_output_dir(args.save_dir, "--save_dir")
+    save_dir = args.save_dir or (default_output_dir(args.model_path, "eval") if args.model_path else "eval")
+    check_output_dir(save_dir, "--save_dir")
 
     settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), source=args.samples)
-    labels, generation_seconds, save_dir = None, 0.0, args.save_dir or "eval"
+    labels, generation_seconds = None, 0.0
     if args.model_path:  # every input is checked before the evaluator's setup
         ckpt, model, diffusion, device = load_model(args, [args.method])
-        save_dir = args.save_dir or default_output_dir(args.model_path, "eval")
-        check_output_dir(save_dir, "--save_dir")
     else:
         device = pick_device(args.device)
         if args.samples:

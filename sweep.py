@@ -19,7 +19,7 @@ import sys
 import time
 
 from fileio import write_json, write_text
-from sampling import ArgumentParser
+from sampling import ArgumentParser, fail
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -73,7 +73,7 @@ def run_candidate(name, args):
     log = os.path.join(args.out, f"{name}.log")
     if not os.path.isfile(os.path.join(exp_dir, "summary.json")):
         if os.path.isdir(exp_dir):
-            raise SystemExit(f"error: {exp_dir} holds an unfinished run; remove it to train {name} again")
+            fail(f"{exp_dir} holds an unfinished run; remove it to train {name} again")
         run([sys.executable, script, *flags, "--time_budget", str(args.minutes), "--output_dir", args.out,
              "--experiment_name", name, "--data_dir", args.data_dir, "--seed", "0"], log)
     eval_dir = os.path.join(exp_dir, f"eval_{args.num_samples}")

@@ -34,6 +34,7 @@ from sampling import (
     add_speed_args,
     amp_dtype,
     autocast,
+    check_output_dir,
     digit_rows,
     fail,
     generate,
@@ -585,9 +586,7 @@ RUN_ARTEFACTS = ("config.json", "logs", "samples", "visualizations", "summary.js
 
 def prepare_new_run_dir(exp_dir: str) -> None:
     """Create the experiment folder, refusing to overwrite a run that has something to resume."""
-    output_dir = os.path.dirname(exp_dir)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UserError(f"--output_dir {output_dir} is a file, not a folder")
+    check_output_dir(os.path.dirname(exp_dir), "--output_dir")
     if os.path.exists(exp_dir) and not os.path.isdir(exp_dir):
         raise UserError(f"{exp_dir} is a file, not a folder; choose another --experiment_name or --output_dir")
     if os.path.isdir(exp_dir):
