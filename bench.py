@@ -22,8 +22,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import trainer as training
+from cli import ArgumentParser, add_speed_args
 from ddpm_model import GaussianDiffusion
-from sampling import ArgumentParser, add_speed_args, amp_dtype, pick_device
+from runtime import amp_dtype, pick_device
 
 
 def sync(device):

@@ -11,6 +11,10 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
     step, epoch            training progress
     train_state            optimizer, LR schedule, AMP scaler, RNG states (for exact resume)
     config                 the training run's full configuration
+
+A sampling copy (`python checkpoint.py last.pth model.pt`) keeps the same format without `model` and
+`train_state`: a quarter of the size, enough for inference.py and eval.py, not for --resume. The two
+trained models in assets/ are such copies; assets/SHA256SUMS holds their checksums.
 """
 import json
 import os
@@ -18,15 +22,19 @@ import pickle
 
 import torch
 
+from cli import ArgumentParser, UserError, guarded
 from conditional_ddpm import ConditionalUNet
 from ddpm_model import GaussianDiffusion, UNet
-from fileio import atomic_write
+from fileio import atomic_write, read_checksums, sha256_file
 
 FORMAT, VERSION = "ddpm-mnist-checkpoint", 1
-REQUIRED_KEYS = ("model_config", "diffusion_config", "conditional", "model", "ema", "step")
+REQUIRED_KEYS = ("model_config", "diffusion_config", "conditional", "ema", "step")
+TRAINING_KEYS = ("model", "train_state")  # absent from a sampling copy
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+PRETRAINED = {"unconditional": "ddpm_mnist_unconditional.pt", "conditional": "ddpm_mnist_conditional.pt"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file that cannot be used as a checkpoint; the message names the file and the problem."""
 
 
@@ -41,8 +49,9 @@ def save_checkpoint(path: str, model: torch.nn.Module, ema: torch.nn.Module, dif
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str, conditional: bool | None = None, map_location="cpu") -> dict:
-    """Load and validate a checkpoint. `conditional`, if given, is the kind the caller needs."""
+def load_checkpoint(path: str, conditional: bool | None = None, map_location="cpu", training: bool = False) -> dict:
+    """Load and validate a checkpoint. `conditional`, if given, is the kind the caller needs; `training`
+    asks for a full checkpoint (weights and optimizer state), not a sampling copy."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -68,7 +77,27 @@ def load_checkpoint(path: str, conditional: bool | None = None, map_location="cp
         kind = "a conditional" if ckpt["conditional"] else "an unconditional"
         script = "train_conditional.py" if ckpt["conditional"] else "train.py"
         raise CheckpointError(f"{path} is {kind} checkpoint; use it with {script}")
+    if training and not all(ckpt.get(k) for k in TRAINING_KEYS):
+        raise CheckpointError(f"{path} holds only the EMA weights for sampling; continuing a run needs its last.pth")
     return ckpt
+
+
+def sampling_copy(ckpt: dict) -> dict:
+    """The checkpoint without what only training needs: the raw weights and the optimizer state."""
+    return {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
+
+
+def pretrained_path(kind: str) -> str:
+    """The path of a model shipped in assets/, after checking it against assets/SHA256SUMS (a clone
+    without Git LFS or a damaged download fails here, with one line, instead of somewhere in torch.load)."""
+    name = PRETRAINED[kind]
+    path = os.path.join(ASSETS_DIR, name)
+    expected = read_checksums(os.path.join(ASSETS_DIR, "SHA256SUMS")).get(name)
+    if not os.path.isfile(path) or expected is None:
+        raise CheckpointError(f"{path} or its line in {os.path.join(ASSETS_DIR, 'SHA256SUMS')} is missing")
+    if sha256_file(path) != expected:
+        raise CheckpointError(f"{path} does not match its checksum in assets/SHA256SUMS: the file is damaged")
+    return path
 
 
 def build_model(model_config: dict, conditional: bool) -> torch.nn.Module:
@@ -81,6 +110,27 @@ def build_model(model_config: dict, conditional: bool) -> torch.nn.Module:
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True):
     """(model, diffusion) ready to sample from, on the CPU, in eval mode."""
+    if not use_ema and "model" not in ckpt:
+        raise CheckpointError("this checkpoint holds only the EMA weights (a sampling copy); --no_ema needs a run's "
+                              "last.pth or best_model.pth")
     model = build_model(ckpt["model_config"], ckpt["conditional"])
     model.load_state_dict(ckpt["ema" if use_ema else "model"])
     return model.eval(), GaussianDiffusion(**ckpt["diffusion_config"])
+
+
+@guarded
+def main(argv=None):
+    p = ArgumentParser(description="Write the sampling copy of a checkpoint: EMA weights, model and diffusion "
+                                   "config, the run's configuration; no optimizer state.")
+    p.add_argument("checkpoint", help="a last.pth or best_model.pth")
+    p.add_argument("output", help="the file to write (refused if it exists)")
+    args = p.parse_args(argv)
+    if os.path.exists(args.output):
+        raise UserError(f"{args.output} exists; remove it or choose another name")
+    copy = sampling_copy(load_checkpoint(args.checkpoint))
+    atomic_write(args.output, lambda tmp: torch.save(copy, tmp))
+    print(f"{args.output}: {os.path.getsize(args.output) / 1e6:.2f} MB, sha256 {sha256_file(args.output)}")
+
+
+if __name__ == "__main__":
+    main()

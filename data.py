@@ -7,36 +7,20 @@ uint8 tensor: MNIST is small enough to index in memory (or on the GPU) instead o
 DataLoader workers.
 """
 import gzip
-import hashlib
 import os
 
 import torch
 from torchvision import datasets
 
-from fileio import WriteError, atomic_write
+from cli import UserError
+from fileio import WriteError, atomic_write, read_checksums, sha256_file
 
 # torchvision looks for all four, whichever split is asked for
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """A missing, corrupt or truncated data file; the message names it."""
-
-
-def _expected_checksums(raw_dir: str) -> dict:
-    path = os.path.join(raw_dir, "SHA256SUMS")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return {name: digest for digest, name in (line.split() for line in f if line.strip())}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _unpack(gz_path: str, out_path: str) -> None:
@@ -59,12 +43,12 @@ def _unpack(gz_path: str, out_path: str) -> None:
 def prepare_mnist(data_dir: str) -> bool:
     """Verify and unpack the shipped .gz files; False if they are not there."""
     raw_dir = os.path.join(data_dir, "MNIST", "raw")
-    sums = _expected_checksums(raw_dir)
+    sums = read_checksums(os.path.join(raw_dir, "SHA256SUMS"))
     for name in FILES:
         gz = os.path.join(raw_dir, name + ".gz")
         if not os.path.isfile(gz):
             return False
-        if name + ".gz" in sums and _sha256(gz) != sums[name + ".gz"]:
+        if name + ".gz" in sums and sha256_file(gz) != sums[name + ".gz"]:
             raise DataError(f"{gz} does not match its checksum in SHA256SUMS: the file is corrupt or truncated")
         if not os.path.isfile(os.path.join(raw_dir, name)):
             _unpack(gz, os.path.join(raw_dir, name))

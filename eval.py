@@ -1,12 +1,15 @@
 """Score samples against MNIST: FID (Inception and MNIST-classifier features), IS, precision/recall,
 class accuracy and pixel statistics, beside the real-data floor.
 
+    python eval.py                                # the shipped unconditional model (assets/)
+    python eval.py --pretrained conditional --num_samples 10000
     python eval.py --model_path checkpoints/NAME/best_model.pth --num_samples 1000 --batch_size 50
     python eval.py --samples samples.npz          # an npz from inference.py --save_npz, or a PNG folder
     python eval.py --real test                    # the MNIST test split: the floor every model is held to
     python eval.py --real noised                  # noised (or blurred) test digits, for a sense of scale
 """
 import argparse
+import dataclasses
 import datetime
 import glob
 import json
@@ -21,22 +24,12 @@ from PIL import Image
 
 import fileio
 import utils
+from cli import ArgumentParser, UserError, check_output_dir, guarded
 from data import to_uint8
 from ddpm_model import METHODS
 from metrics import MIN_SAMPLES, Evaluator
-from sampling import (
-    ArgumentParser,
-    UserError,
-    add_sampling_args,
-    check_output_dir,
-    default_output_dir,
-    generate,
-    guarded,
-    load_model,
-    method_eta,
-    method_steps,
-    pick_device,
-)
+from runtime import pick_device
+from sampling import add_sampling_args, default_labels, generate, load_model
 
 
 def add_noise(images: torch.Tensor, std: float = 60.0) -> torch.Tensor:
@@ -62,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", default=None, metavar="PATH", help="evaluate an npz (images, labels) or a PNG folder")
     p.add_argument("--real", choices=sorted(REAL_SETS), default=None,
                    help="evaluate the real MNIST test split (test), or degraded copies of it (the floor's scale)")
-    p.add_argument("--save_dir", default=None, help="default: eval/ beside the checkpoint (or ./eval)")
+    p.add_argument("--save_dir", default=None,
+                   help="default: eval/ beside the checkpoint (outputs/pretrained_KIND/eval for --pretrained, ./eval for "
+                        "--samples and --real)")
     p.add_argument("--data_dir", default="./data")
     p.add_argument("--no_inception", action="store_true", help="skip the (slow on CPU) Inception FID")
     p.add_argument("--inception_logits", default=None, metavar="PATH",
@@ -158,40 +153,39 @@ def write_report(save_dir: str, result: dict, floor, settings: dict) -> None:
 @guarded
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    sources = [s for s in (args.model_path, args.samples, args.real) if s]
-    if len(sources) != 1:
-        raise UserError("give exactly one of --model_path, --samples or --real")
+    sources = [s for s in (args.model_path or args.pretrained, args.samples, args.real) if s]
+    if len(sources) > 1 or (args.model_path and args.pretrained):
+        raise UserError("give one of --model_path, --pretrained, --samples or --real")
+    from_model = not (args.samples or args.real)
     if args.num_samples < MIN_SAMPLES:
         raise UserError(f"--num_samples must be at least {MIN_SAMPLES} (the metrics need that many), got {args.num_samples}")
-    save_dir = args.save_dir or (default_output_dir(args.model_path, "eval") if args.model_path else "eval")
-    check_output_dir(save_dir, "--save_dir")
-
     settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), source=args.samples)
     labels, generation_seconds = None, 0.0
-    if args.model_path:  # every input is checked before the evaluator's setup
-        ckpt, model, diffusion, device = load_model(args, [args.method])
+    if from_model:  # every input is checked before the evaluator's setup
+        loaded = load_model(args, [args.method])
+        device = loaded.device
     else:
         device = pick_device(args.device)
         if args.samples:
             images, labels = load_samples(args.samples)
+    save_dir = args.save_dir or (os.path.join(loaded.output_root, "eval") if from_model else "eval")
+    check_output_dir(save_dir, "--save_dir")
     try:
         evaluator = Evaluator(args.data_dir, inception=not args.no_inception, device=device, progress=True,
                               inception_logits=args.inception_logits)
     except ValueError as e:  # an unusable --inception_logits file
         raise UserError(str(e)) from None
-    if args.model_path:
-        settings.update(source=args.model_path, method=args.method, steps=method_steps(args, args.method) or diffusion.timesteps,
-                        eta=method_eta(args, args.method), guidance_scale=args.guidance_scale if ckpt["conditional"] else None,
-                        seed=args.seed, batch_size=args.batch_size, ema=not args.no_ema, step=ckpt["step"],
-                        amp=args.amp)
+    if from_model:
+        sampler = loaded.samplers[args.method]
+        settings.update(source=loaded.model_path, **dataclasses.asdict(sampler), seed=args.seed,
+                        batch_size=loaded.batch_size, ema=not args.no_ema, step=loaded.ckpt["step"], amp=args.amp)
+        if not loaded.conditional:
+            settings["guidance_scale"] = None
         start = time.perf_counter()
-        x = generate(model, diffusion, args.num_samples, guidance_scale=args.guidance_scale, method=args.method,
-                     steps=method_steps(args, args.method), eta=method_eta(args, args.method),
-                     batch_size=args.batch_size, seed=args.seed,
-                     device=device, progress=True, amp=args.amp, compile_mode=args.compile,
-                     channels_last=args.channels_last)
-        if ckpt["conditional"]:
-            labels = torch.arange(args.num_samples) % model.num_classes  # generate()'s default labels
+        labels = default_labels(loaded.model, args.num_samples)
+        x = generate(loaded.model, loaded.diffusion, args.num_samples, sampler, labels=labels,
+                     batch_size=loaded.batch_size, seed=args.seed, device=device, progress=True, amp=args.amp,
+                     compile_mode=args.compile, channels_last=args.channels_last)
         images = to_uint8(x)
         generation_seconds = time.perf_counter() - start
     elif args.real:

@@ -1,6 +1,7 @@
 """Files that are either whole or absent: every writer goes through a temporary file in the target's
 folder and an atomic rename, so a crash, a kill or a full disk never leaves a torn file behind."""
 import glob
+import hashlib
 import json
 import os
 import tempfile
@@ -68,3 +69,19 @@ def save_npz(path: str, **arrays) -> None:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
     atomic_write(path, write)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_checksums(path: str) -> dict:
+    """{file name: sha256} from a SHA256SUMS file (the `sha256sum` format); {} if there is none."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return {name.lstrip("*"): digest for digest, name in (line.split() for line in f if line.strip())}

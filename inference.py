@@ -1,10 +1,13 @@
 """Turn a checkpoint into images: sample grids, class grids, interpolations, a DDPM-vs-DDIM comparison
 and the denoising process. Everything about the model comes from the checkpoint.
 
-    python inference.py --model_path checkpoints/NAME/best_model.pth --method ddim --ddim_steps 50
+    python inference.py                                  # the shipped unconditional model (assets/)
+    python inference.py --pretrained conditional         # the shipped conditional model, a row per digit
+    python inference.py --model_path checkpoints/NAME/best_model.pth --method ddim --steps 50
     python inference.py --model_path checkpoints/NAME/best_model.pth --comparison --denoising_process
 """
 import argparse
+import dataclasses
 import math
 import os
 import time
@@ -14,21 +17,10 @@ import torch
 
 import fileio
 import utils
+from cli import ArgumentParser, UserError, check_output_dir, check_output_file, guarded
 from data import to_uint8
 from ddpm_model import METHODS, make_generator
-from sampling import (
-    ArgumentParser,
-    UserError,
-    add_sampling_args,
-    check_output_dir,
-    check_output_file,
-    default_output_dir,
-    generate,
-    guarded,
-    load_model,
-    method_eta,
-    method_steps,
-)
+from sampling import add_sampling_args, generate, load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,12 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p, methods=METHODS + ("both",))
     p.add_argument("--num_samples", type=int, default=16,
                    help="images to generate; for conditional models, images per label (one grid row each)")
-    p.add_argument("--conditional", action="store_true", help="class-conditional sampling (conditional checkpoints)")
+    p.add_argument("--conditional", action="store_true",
+                   help="class-conditional sampling: needs a conditional model (without --model_path, the shipped one)")
     p.add_argument("--class_labels", default=None, help="comma-separated labels, one grid row each (default: every digit)")
     p.add_argument("--interpolation", action="store_true", help="spherical interpolation between noise vectors")
     p.add_argument("--comparison", action="store_true", help="DDPM vs DDIM from the same noise, with timings")
     p.add_argument("--denoising_process", action="store_true", help="x_t at about ten timesteps from T to 0")
-    p.add_argument("--output_dir", default=None, help="default: inference/ beside the checkpoint")
+    p.add_argument("--output_dir", default=None,
+                   help="default: inference/ beside the checkpoint (outputs/pretrained_KIND/inference for --pretrained)")
     p.add_argument("--save_npz", default=None, metavar="PATH",
                    help="write images (uint8 N x 28 x 28) and labels (conditional) of the first method for eval.py")
     p.add_argument("--save_individual", action="store_true", help="also one PNG per sample (a folder FID tools read)")
@@ -57,12 +51,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, frac: float) -> torch.Tensor:
     return (torch.sin((1 - frac) * omega) * a + torch.sin(frac * omega) * b) / torch.sin(omega)
 
 
-def parse_labels(args, model) -> torch.Tensor:
-    conditional = hasattr(model, "num_classes")
-    if (args.conditional or args.class_labels) and not conditional:
+def parse_labels(args, loaded) -> torch.Tensor:
+    model = loaded.model
+    if (args.conditional or args.class_labels) and not loaded.conditional:
         raise UserError("--conditional and --class_labels need a conditional checkpoint (train_conditional.py); "
-                        f"{args.model_path} is unconditional")
-    if not conditional:
+                        f"{loaded.model_path} is unconditional")
+    if not loaded.conditional:
         return None
     if args.class_labels is None:
         return torch.arange(model.num_classes)
@@ -81,10 +75,11 @@ def main(argv=None):
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
     methods = ["ddpm", "ddim"] if args.method == "both" else [args.method]
-    uses_ddim = args.interpolation or args.comparison
-    ckpt, model, diffusion, device = load_model(args, methods + (["ddim"] if uses_ddim else []))
-    row_labels = parse_labels(args, model)
-    out_dir = args.output_dir or default_output_dir(args.model_path, "inference")
+    extra = (["ddim"] if args.interpolation else []) + (["ddpm", "ddim"] if args.comparison else [])
+    loaded = load_model(args, methods + extra, want_conditional=bool(args.conditional or args.class_labels))
+    model, diffusion, samplers = loaded.model, loaded.diffusion, loaded.samplers
+    row_labels = parse_labels(args, loaded)
+    out_dir = args.output_dir or os.path.join(loaded.output_root, "inference")
     if args.save_npz:
         check_output_file(args.save_npz, "--save_npz")
     check_output_dir(out_dir, "--output_dir", create=True)
@@ -95,16 +90,14 @@ def main(argv=None):
         labels, nrow = None, math.ceil(math.sqrt(args.num_samples))
     n = args.num_samples * (len(row_labels) if row_labels is not None else 1)
 
-    def sample(method, count=n, noise=None, y=labels, eta=None, **extra):
-        return generate(model, diffusion, count, labels=y, guidance_scale=args.guidance_scale, method=method,
-                        steps=method_steps(args, method), eta=method_eta(args, method) if eta is None else eta,
-                        batch_size=args.batch_size,
-                        seed=args.seed, device=device, progress=True, noise=noise, amp=args.amp,
-                        compile_mode=args.compile, channels_last=args.channels_last, **extra)
+    def sample(sampler, count=n, noise=None, y=labels, **extra):
+        return generate(model, diffusion, count, sampler, labels=y, batch_size=loaded.batch_size, seed=args.seed,
+                        device=loaded.device, progress=True, noise=noise, amp=args.amp, compile_mode=args.compile,
+                        channels_last=args.channels_last, **extra)
 
     written = []
     for i, method in enumerate(methods):
-        images = sample(method)
+        images = sample(samplers[method])
         path = os.path.join(out_dir, f"samples_{method}.png")
         utils.save_grid(images, path, nrow=nrow)
         written.append(path)
@@ -128,7 +121,8 @@ def main(argv=None):
         a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         noise = torch.stack([slerp(a[r], b[r], f) for r in range(rows) for f in np.linspace(0, 1, frames)])
         y = None if row_labels is None else row_labels.repeat(rows)[:rows].repeat_interleave(frames)
-        images = sample("ddim", count=rows * frames, noise=noise, y=y, eta=0.0)  # the deterministic DDIM map
+        ddim_map = dataclasses.replace(samplers["ddim"], eta=0.0)  # deterministic: the path between noises is smooth
+        images = sample(ddim_map, count=rows * frames, noise=noise, y=y)
         path = os.path.join(out_dir, "interpolation.png")
         utils.save_grid(images, path, nrow=frames)
         written.append(path)
@@ -137,24 +131,23 @@ def main(argv=None):
         timings, grids = {}, []
         for method in ("ddpm", "ddim"):
             start = time.perf_counter()
-            grids.append(sample(method))
+            grids.append(sample(samplers[method]))
             timings[method] = time.perf_counter() - start
         path = os.path.join(out_dir, "comparison.png")
-        utils.save_comparison(grids, [f"DDPM, {diffusion.timesteps} steps ({timings['ddpm']:.1f} s)",
-                                      f"DDIM, {args.ddim_steps} steps, eta={method_eta(args, 'ddim')} ({timings['ddim']:.1f} s)"],
+        utils.save_comparison(grids, [f"{samplers[m].describe()} ({timings[m]:.1f} s)" for m in ("ddpm", "ddim")],
                               path, nrow)
         fileio.write_json(os.path.join(out_dir, "comparison.json"),
-                         dict(ddpm_steps=diffusion.timesteps, ddim_steps=args.ddim_steps, eta=method_eta(args, "ddim"),
-                              num_images=n, seconds=timings, speedup=timings["ddpm"] / timings["ddim"],
-                              device=str(device)))
+                          dict(ddpm_steps=samplers["ddpm"].steps, ddim_steps=samplers["ddim"].steps,
+                               eta=samplers["ddim"].eta, num_images=n, seconds=timings,
+                               speedup=timings["ddpm"] / timings["ddim"], device=str(loaded.device)))
         print(f"DDPM {timings['ddpm']:.2f} s, DDIM {timings['ddim']:.2f} s "
               f"({timings['ddpm'] / timings['ddim']:.1f}x faster)")
         written += [path, os.path.join(out_dir, "comparison.json")]
 
     if args.denoising_process:
         rows = min(n, 4)
-        _, trajectory = sample(methods[0], count=rows, y=None if labels is None else labels[:: max(n // rows, 1)][:rows],
-                               return_intermediates=True)
+        y = None if labels is None else labels[:: max(n // rows, 1)][:rows]
+        _, trajectory = sample(samplers[methods[0]], count=rows, y=y, return_intermediates=True)
         path = os.path.join(out_dir, "denoising_process.png")
         utils.plot_denoising_process(trajectory, path)
         written.append(path)

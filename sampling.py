@@ -1,81 +1,70 @@
 """Batched image generation from a trained model: the one entry point that training (sample grids,
-evaluation), inference.py and eval.py share, with the command-line pieces the last two have in common."""
+evaluation), inference.py and eval.py share; the Sampler that describes how; the model and sampler flags
+of the last two and the loading of their model."""
 import argparse
-import contextlib
-import copy
 import os
-import sys
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoint import PRETRAINED, load_checkpoint, model_from_checkpoint, pretrained_path
+from cli import UserError, add_speed_args
 from conditional_ddpm import ConditionalUNet, GuidedModel
-from data import DataError
-from ddpm_model import METHODS, make_generator
-from fileio import WriteError
+from ddpm_model import METHODS, GaussianDiffusion, make_generator
+from runtime import amp_dtype, autocast, pick_device
 
-AMP_MODES = ("auto", "none", "bf16", "fp16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+DEFAULT_STEPS = {"ddim": 50, "dpm_solver": 20}  # ddpm always takes all T
 
 
-class UserError(Exception):
-    """Bad input: reported as one line with exit code 2."""
+@dataclass(frozen=True)
+class Sampler:
+    """One way to sample, complete: the method, its network-call steps (all T for ddpm), its noise eta
+    (0: deterministic, the ODE; 1: DDPM-like, the SDE) and the classifier-free guidance scale."""
+    method: str = "dpm_solver"
+    steps: int = DEFAULT_STEPS["dpm_solver"]
+    eta: float = 1.0
+    guidance_scale: float = 0.0
+
+    def describe(self) -> str:
+        guidance = f", w={self.guidance_scale:g}" if self.guidance_scale else ""
+        return f"{self.method}, {self.steps} steps, eta={self.eta:g}{guidance}"
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's layout and lists every flag's default, also for flags without help."""
-
-    def _format_action(self, action):
-        if action.option_strings and not action.help and action.default is not argparse.SUPPRESS:
-            action = copy.copy(action)
-            action.help = "(default: %(default)s)"  # argparse leaves flags without help bare
-        return super()._format_action(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse as every script here uses it: each default in --help, no abbreviated flags (--max_step is
-    not --max_steps), and a bad command line reported as one line with exit code 2."""
-
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=HelpFormatter, allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        fail(f"{message} (see {self.prog} --help)")
-
-
-def fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def pick_device(name: str) -> torch.device:
-    """auto = cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but CUDA is not available")
-    return device
+def make_sampler(method: str, timesteps: int, steps: int | None = None, eta: float | None = None,
+                 guidance_scale: float = 0.0) -> Sampler:
+    """A checked Sampler with the defaults filled in: steps from DEFAULT_STEPS, eta 0 for ddim (the
+    deterministic DDIM of the paper) and 1 for dpm_solver (SDE-DPM-Solver++, the best fid_mnist per call)."""
+    if method == "ddpm":
+        if steps not in (None, timesteps):
+            raise UserError(f"--method ddpm takes all of the model's {timesteps} steps; --steps {steps} is for "
+                            "ddim and dpm_solver")
+        steps = timesteps
+    elif steps is None:
+        steps = DEFAULT_STEPS[method]
+    elif not 1 <= steps <= timesteps:
+        raise UserError(f"--steps must be between 1 and the model's {timesteps} timesteps, got {steps}")
+    eta = (1.0 if method == "dpm_solver" else 0.0) if eta is None else eta
+    if eta < 0:
+        raise UserError(f"--eta must not be negative, got {eta}")
+    if guidance_scale < 0:
+        raise UserError(f"--guidance_scale must not be negative, got {guidance_scale}")
+    return Sampler(method, steps, eta, guidance_scale)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS, batch_size: int | None = None) -> None:
-    """The sampler flags inference.py and eval.py share."""
-    p.add_argument("--model_path", help="a checkpoint from train.py or train_conditional.py")
+    """The model and sampler flags inference.py and eval.py share."""
+    p.add_argument("--model_path", help="a checkpoint from train.py or train_conditional.py (or its sampling copy)")
+    p.add_argument("--pretrained", choices=sorted(PRETRAINED), default=None,
+                   help="a model shipped in assets/; without --model_path the unconditional one is used")
     p.add_argument("--method", choices=methods, default="dpm_solver",
-                   help="ddpm: all T steps; ddim: --ddim_steps; dpm_solver: DPM-Solver++(2M) in --steps")
-    p.add_argument("--ddim_steps", type=int, default=50)
-    p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
+                   help="ddpm: all T steps; ddim: DDIM; dpm_solver: DPM-Solver++(2M)")
+    p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=None,
+                   help="network calls of ddim and dpm_solver (--ddim_steps is another name for it); "
+                        "None: " + ", ".join(f"{v} for {k}" for k, v in DEFAULT_STEPS.items()))
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM and DPM-Solver++ noise: 0 deterministic (the ODE), 1 DDPM-like (the SDE); "
-                        "None: 0 for ddim, 1 for dpm_solver (SDE-DPM-Solver++, the best fid_mnist per network call)")
+                        "None: 0 for ddim, 1 for dpm_solver")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance w (conditional models); default: the training run's")
     p.add_argument("--seed", type=int, default=0)
@@ -86,123 +75,58 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS, batch_size: i
     add_speed_args(p, "the network call")
 
 
-def add_speed_args(p: argparse.ArgumentParser, what: str) -> None:
-    """--amp, --compile and --channels_last, shared by training, sampling and bench.py."""
-    p.add_argument("--amp", choices=AMP_MODES, default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, fp32 elsewhere "
-                        "(fp16 is CUDA-only)")
-    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
-                   help=f"torch.compile {what}; MODE is one of {', '.join(COMPILE_MODES)} (default when given "
-                        "bare; reduce-overhead adds CUDA graphs)")
-    p.add_argument("--channels_last", action="store_true",
-                   help="NHWC weights and activations (cuDNN's tensor-core layout; no gain on the CPUs measured)")
+@dataclass
+class Loaded:
+    """What inference.py and eval.py sample with, every flag checked: the model, its checkpoint, where
+    it came from and where outputs go by default, the device and batch size, and a Sampler per method."""
+    ckpt: dict
+    model: torch.nn.Module
+    diffusion: GaussianDiffusion
+    model_path: str
+    output_root: str
+    device: torch.device
+    batch_size: int
+    samplers: dict
+
+    @property
+    def conditional(self) -> bool:
+        return is_conditional(self.model)
 
 
-def load_model(args, methods):
-    """(checkpoint, model, diffusion, device) for --model_path, or UserError/CheckpointError.
-
-    `methods` are the samplers the command will run: only their step counts are checked.
-    """
-    if not args.model_path:
-        raise UserError("--model_path is required")
-    ckpt = load_checkpoint(args.model_path)
+def load_model(args, methods, want_conditional: bool = False) -> Loaded:
+    """The model of --model_path, or of --pretrained (the shipped conditional one when `want_conditional`,
+    else the unconditional one), with a Sampler for each of `methods`; UserError on any bad flag."""
+    if args.model_path and args.pretrained:
+        raise UserError("give --model_path or --pretrained, not both")
+    if args.model_path:
+        path, output_root = args.model_path, os.path.dirname(os.path.abspath(args.model_path))
+    else:
+        kind = args.pretrained or ("conditional" if want_conditional else "unconditional")
+        path, output_root = pretrained_path(kind), os.path.join("outputs", f"pretrained_{kind}")
+    ckpt = load_checkpoint(path)
     model, diffusion = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
-    T = diffusion.timesteps
-    for method, flag in (("ddim", "ddim_steps"), ("dpm_solver", "steps")):
-        if method in methods and not 1 <= getattr(args, flag) <= T:
-            raise UserError(f"--{flag} must be between 1 and the model's {T} timesteps, got {getattr(args, flag)}")
-    if args.eta is not None and args.eta < 0:
-        raise UserError(f"--eta must not be negative, got {args.eta}")
+    guidance = args.guidance_scale
+    if guidance is None:
+        guidance = ckpt["config"].get("args", {}).get("guidance_scale", 0.0) if ckpt["conditional"] else 0.0
+    samplers = {}
+    for method in methods:  # the ddpm half of --method both / --comparison takes all T; --steps is the ddim's
+        steps = args.steps if method != "ddpm" or args.method == "ddpm" else None
+        samplers[method] = make_sampler(method, diffusion.timesteps, steps, args.eta, guidance)
     device = pick_device(args.device)
-    if args.batch_size is None:
-        args.batch_size = 256 if device.type == "cuda" else 64
-    if args.batch_size < 1:
+    batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     amp_dtype(device, args.amp)  # --amp fp16 off CUDA fails here, before any work
-    if args.guidance_scale is None:
-        args.guidance_scale = ckpt["config"].get("args", {}).get("guidance_scale", 0.0)
-    if args.guidance_scale < 0:
-        raise UserError(f"--guidance_scale must not be negative, got {args.guidance_scale}")
-    return ckpt, model, diffusion, device
+    return Loaded(ckpt, model, diffusion, path, output_root, device, batch_size, samplers)
 
 
-def method_steps(args, method: str) -> int | None:
-    return {"ddim": args.ddim_steps, "dpm_solver": args.steps}.get(method)
+def is_conditional(model: torch.nn.Module) -> bool:
+    return isinstance(model, ConditionalUNet)
 
 
-def method_eta(args, method: str) -> float:
-    """--eta, or the method's default: the deterministic DDIM of the paper, the SDE form of DPM-Solver++."""
-    if args.eta is not None:
-        return args.eta
-    return 1.0 if method == "dpm_solver" else 0.0
-
-
-def default_output_dir(model_path: str, name: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(model_path)), name)
-
-
-def guarded(main):
-    """Run a CLI main(); bad input of any kind, missing data and unwritable outputs become one line on
-    stderr and exit code 2."""
-    def wrapper(argv=None):
-        try:
-            return main(argv)
-        except (UserError, CheckpointError, DataError, WriteError) as e:
-            fail(str(e))
-    return wrapper
-
-
-def check_output_dir(path: str, flag: str, create: bool = False) -> None:
-    """Refuse, before any work, a folder to write into that is a file or cannot be made."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a file, not a folder")
-    if create:
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"{flag} {path}: cannot create it ({e.strerror})") from None
-
-
-def check_output_file(path: str, flag: str) -> None:
-    """Refuse, before any work, a file to write that is a folder or sits under a file."""
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a folder; give a file name")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, slowly."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """The autocast dtype --amp asks for on `device`, or None for full fp32.
-
-    auto is bf16 on CUDA and on CPUs with native bf16, where it trains the CPU preset 1.57x and samples
-    1.8x faster than fp32 (docs/speed.md); fp32 on other CPUs, which emulate bf16, and on other devices.
-    """
-    if amp == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-        amp = "bf16" if native else "none"
-    if amp == "none":
-        return None
-    if device.type not in ("cuda", "cpu") or (amp == "fp16" and device.type != "cuda"):
-        raise UserError(f"--amp {amp} is not supported on {device.type}")
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-def autocast(device: torch.device, amp: str = "auto"):
-    dtype = amp_dtype(device, amp)
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+def default_labels(model: torch.nn.Module, n: int) -> torch.Tensor | None:
+    """What a conditional model samples unless told otherwise: the digits in turn (None if unconditional)."""
+    return torch.arange(n) % model.num_classes if is_conditional(model) else None
 
 
 def digit_rows(num_classes: int, per_class: int) -> torch.Tensor:
@@ -210,14 +134,13 @@ def digit_rows(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-def generate(model, diffusion, num_samples: int, labels: torch.Tensor | None = None,
-             guidance_scale: float = 0.0, method: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+def generate(model, diffusion, num_samples: int, sampler: Sampler = Sampler(), labels: torch.Tensor | None = None,
              batch_size: int = 256, seed=0, device="cpu", progress: bool = False, amp: str = "auto",
              compile_mode: str | None = None, channels_last: bool = False, noise: torch.Tensor | None = None,
              return_intermediates: bool = False):
     """`num_samples` images in model range [-1, 1], shape [N, 1, H, W], on the CPU.
 
-    Conditional models sample `labels` (default: the digits in turn) with classifier-free guidance.
+    Conditional models sample `labels` (default_labels when None) with the sampler's guidance.
     The same seed and batch size give the same images, and every method starts from the same noise
     (or from `noise`, [N, C, H, W], when given). With return_intermediates, also returns the
     (t, x_t) trajectory of the first batch. `amp` is an --amp choice, `compile_mode` a torch.compile
@@ -226,11 +149,11 @@ def generate(model, diffusion, num_samples: int, labels: torch.Tensor | None = N
     device = torch.device(device)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     diffusion = diffusion.to(device)
-    conditional = isinstance(model, ConditionalUNet)
+    conditional = is_conditional(model)
     net = torch.compile(model, mode=compile_mode) if compile_mode else model
     if conditional:
-        labels = torch.arange(num_samples) % model.num_classes if labels is None else labels
-        model_fn = GuidedModel(net, guidance_scale, model.null_class)
+        labels = default_labels(model, num_samples) if labels is None else labels
+        model_fn = GuidedModel(net, sampler.guidance_scale, model.null_class)
     else:
         model_fn = net
     size = model.config["image_size"]
@@ -238,11 +161,12 @@ def generate(model, diffusion, num_samples: int, labels: torch.Tensor | None = N
     out, trajectory = [], None
     batches = range(0, num_samples, batch_size)
     with torch.inference_mode(), autocast(device, amp):
-        for start in tqdm(batches, desc=f"{method} sampling", disable=not progress or len(batches) == 1):
+        for start in tqdm(batches, desc=f"{sampler.method} sampling", disable=not progress or len(batches) == 1):
             n = min(batch_size, num_samples - start)
             kwargs = {"y": labels[start:start + n].to(device)} if conditional else {}
-            result = diffusion.sample(model_fn, (n, model.config["in_channels"], size, size), method=method,
-                                      steps=steps, eta=eta, model_kwargs=kwargs, generator=generator,
+            result = diffusion.sample(model_fn, (n, model.config["in_channels"], size, size), method=sampler.method,
+                                      steps=None if sampler.method == "ddpm" else sampler.steps, eta=sampler.eta,
+                                      model_kwargs=kwargs, generator=generator,
                                       progress=progress and len(batches) == 1, device=device,
                                       x_T=None if noise is None else noise[start:start + n].to(device),
                                       return_intermediates=return_intermediates and trajectory is None)

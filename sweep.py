@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 
+from cli import ArgumentParser, fail
 from fileio import write_json, write_text
-from sampling import ArgumentParser, fail
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cli import ArgumentParser
 from data import load_mnist
 from fileio import atomic_write, write_json
 from metrics import CLASSIFIER_PATH, MnistClassifier, classifier_outputs
-from sampling import ArgumentParser
 
 
 def main(argv=None):

@@ -23,23 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fileio
 import utils
-from checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from checkpoint import build_model, load_checkpoint, save_checkpoint
+from cli import ArgumentParser, UserError, add_speed_args, check_output_dir, fail
 from conditional_ddpm import drop_labels
-from data import DataError, load_mnist, to_model_range, to_uint8
+from data import load_mnist, to_model_range, to_uint8
 from ddpm_model import BETA_SCHEDULES, METHODS, PREDICTIONS, GaussianDiffusion, check_schedule
 from metrics import MIN_SAMPLES, Evaluator
-from sampling import (
-    ArgumentParser,
-    UserError,
-    add_speed_args,
-    amp_dtype,
-    autocast,
-    check_output_dir,
-    digit_rows,
-    fail,
-    generate,
-    pick_device,
-)
+from runtime import amp_dtype, autocast, pick_device
+from sampling import default_labels, digit_rows, generate, make_sampler
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -250,6 +241,9 @@ class Trainer:
         if args.compile:
             self.net = torch.compile(self.net, mode=args.compile)
         self.diffusion = GaussianDiffusion(args.timesteps, args.beta_schedule, args.prediction).to(self.device)
+        self.sampler = make_sampler(args.sample_method, args.timesteps,  # of sample grids and evaluations
+                                    None if args.sample_method == "ddpm" else args.sample_steps, args.sample_eta,
+                                    getattr(args, "guidance_scale", 0.0))
         cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            **({"fused": True} if cuda else {}))
@@ -371,10 +365,8 @@ class Trainer:
 
     def generate(self, n: int, labels=None):
         a = self.args
-        return generate(self.ema, self.diffusion, n, labels=labels, guidance_scale=getattr(a, "guidance_scale", 0.0),
-                        method=a.sample_method, steps=a.sample_steps, eta=a.sample_eta, batch_size=max(a.batch_size, 100),
-                        seed=a.seed, device=self.device, amp=a.amp, compile_mode=a.compile,
-                        channels_last=a.channels_last)
+        return generate(self.ema, self.diffusion, n, self.sampler, labels=labels, batch_size=max(a.batch_size, 100),
+                        seed=a.seed, device=self.device, amp=a.amp, compile_mode=a.compile, channels_last=a.channels_last)
 
     def write_samples(self, writer) -> str:
         n = 10 * (self.args.num_classes if self.conditional else 10)
@@ -402,7 +394,7 @@ class Trainer:
         """Test loss, and the MNIST-domain sample metrics of eval.py; fid_mnist picks best_model.pth."""
         metrics = {"test_loss": self.test_loss()}
         n = self.args.eval_samples
-        labels = torch.arange(n) % self.args.num_classes if self.conditional else None
+        labels = default_labels(self.ema, n)
         images = to_uint8(self.generate(n, labels))
         images = images[:, self.pad:self.pad + 28, self.pad:self.pad + 28]  # the classifier reads 28x28
         result = self.evaluator.evaluate(images, labels, inception=False, sample_stats=False)["metrics"]
@@ -614,7 +606,7 @@ def setup(args, conditional: bool, world: int = 1, check_new: bool = True):
     """Resolve the experiment directory and configuration; refuse to overwrite an existing run."""
     ckpt = None
     if args.resume:
-        ckpt = load_checkpoint(args.resume, conditional=conditional)
+        ckpt = load_checkpoint(args.resume, conditional=conditional, training=True)
         for name, value in ckpt["config"]["args"].items():
             if name in vars(args) and name != "resume" and name not in args.given:
                 setattr(args, name, value)
@@ -645,7 +637,7 @@ def main(argv=None, conditional: bool = False) -> dict:
         try:
             if rank == 0:
                 exp_dir, ckpt = setup(args, conditional, world)
-        except (UserError, CheckpointError) as e:
+        except UserError as e:
             error = str(e)
         if world > 1:  # one decision for all: rank 0's error or experiment name
             shared = [error, args.experiment_name]
@@ -658,7 +650,7 @@ def main(argv=None, conditional: bool = False) -> dict:
         trainer = Trainer(args, conditional, exp_dir, ckpt, rank, world, local_rank)
         if trainer.is_main:
             fileio.write_json(os.path.join(exp_dir, "config.json"), args.saved_config)  # once the run can start
-    except (UserError, CheckpointError, DataError, fileio.WriteError) as e:
+    except (UserError, fileio.WriteError) as e:
         if rank == 0 and not args.resume and exp_dir and os.path.isdir(exp_dir) and not os.listdir(exp_dir):
             os.rmdir(exp_dir)  # nothing written when a run cannot start
         fail(str(e))

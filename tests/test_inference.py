@@ -13,7 +13,8 @@ from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from conditional_ddpm import ConditionalUNet
 from conftest import DATA_DIR
 from ddpm_model import GaussianDiffusion, UNet
-from sampling import amp_dtype, cpu_has_native_bf16, generate
+from runtime import amp_dtype, cpu_has_native_bf16
+from sampling import Sampler, generate
 
 TINY = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(14,), dropout=0.0)
 
@@ -93,8 +94,8 @@ def tiny_model(checkpoints, conditional):
 @pytest.mark.parametrize("conditional", [False, True])
 def test_speed_flags_keep_the_samples(checkpoints, conditional):
     model, diffusion = tiny_model(checkpoints, conditional)
-    run = lambda amp, nhwc=False: generate(model, diffusion, 8, method="ddim", steps=4, seed=1, amp=amp,
-                                           guidance_scale=1.0, channels_last=nhwc)
+    run = lambda amp, nhwc=False: generate(model, diffusion, 8, Sampler("ddim", 4, 0.0, 1.0), seed=1, amp=amp,
+                                           channels_last=nhwc)
     nhwc, fp32, bf16, auto = run("none", True), run("none"), run("bf16"), run("auto")
     assert torch.allclose(nhwc, fp32, atol=1e-5)
     native = cpu_has_native_bf16()  # auto is bf16 only where the CPU computes it natively
@@ -108,8 +109,8 @@ def test_speed_flags_keep_the_samples(checkpoints, conditional):
 def test_compiled_network_call_matches_eager(checkpoints):
     from torch._dynamo.utils import counters
     model, diffusion = tiny_model(checkpoints, True)  # the guided model, two branches per call
-    run = lambda mode: generate(model, diffusion, 6, method="dpm_solver", steps=3, seed=2, compile_mode=mode,
-                                guidance_scale=1.5, amp="none")
+    run = lambda mode: generate(model, diffusion, 6, Sampler("dpm_solver", 3, 1.0, 1.5), seed=2, compile_mode=mode,
+                                amp="none")
     torch._dynamo.reset()
     compiled = run("default")
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo really captured the network
@@ -120,9 +121,11 @@ def test_compiled_network_call_matches_eager(checkpoints):
     (["--model_path", "missing.pth"], "no such file"),
     (["--conditional"], "need a conditional checkpoint"),
     (["--class_labels", "1,2"], "need a conditional checkpoint"),
-    (["--method", "ddim", "--ddim_steps", "0"], "--ddim_steps must be between 1"),
-    (["--method", "both", "--ddim_steps", "21"], "--ddim_steps must be between 1"),
-    (["--comparison", "--ddim_steps", "21"], "--ddim_steps must be between 1"),
+    (["--method", "ddim", "--ddim_steps", "0"], "--steps must be between 1"),
+    (["--method", "both", "--steps", "21"], "--steps must be between 1"),
+    (["--comparison", "--ddim_steps", "21"], "--steps must be between 1"),
+    (["--method", "ddpm", "--steps", "5"], "--method ddpm takes all of the model's 20 steps"),
+    (["--pretrained", "conditional"], "give --model_path or --pretrained, not both"),
     (["--method", "dpm_solver", "--steps", "0"], "--steps must be between 1"),
     (["--eta", "-0.5"], "--eta must not be negative"),
     (["--num_samples", "0"], "--num_samples must be at least 1"),

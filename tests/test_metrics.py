@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 import eval as eval_script
+from cli import UserError
 from conftest import DATA_DIR
 from data import load_mnist
 from metrics import (
@@ -16,7 +17,6 @@ from metrics import (
     load_inception,
     precision_recall,
 )
-from sampling import UserError
 
 
 def random_stats(seed, n=400, d=16):

@@ -1,0 +1,73 @@
+"""The models shipped in assets/, and the sampling copy they are saved as."""
+import os
+
+import pytest
+import torch
+
+import checkpoint
+import inference
+import trainer
+from checkpoint import PRETRAINED, CheckpointError, load_checkpoint, model_from_checkpoint, pretrained_path
+from data import to_uint8
+from fileio import read_checksums, sha256_file
+from metrics import classifier_outputs, load_classifier
+from sampling import Sampler, generate
+
+
+@pytest.mark.parametrize("kind", sorted(PRETRAINED))
+def test_shipped_model_is_the_checksummed_sampling_copy(kind):
+    path = pretrained_path(kind)
+    assert sha256_file(path) == read_checksums(os.path.join(checkpoint.ASSETS_DIR, "SHA256SUMS"))[PRETRAINED[kind]]
+    assert os.path.getsize(path) <= 5 * 1024 * 1024
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["format"] == checkpoint.FORMAT and ckpt["conditional"] == (kind == "conditional")
+    assert "train_state" not in ckpt and "model" not in ckpt  # EMA weights and configuration only
+
+
+@pytest.mark.parametrize("kind", sorted(PRETRAINED))
+def test_shipped_model_draws_digits(kind):
+    """Twenty samples in 10 SDE-DPM-Solver++ steps: the MNIST classifier reads nearly all of them with
+    confidence, and reads the conditional model's as the digits asked for."""
+    model, diffusion = model_from_checkpoint(load_checkpoint(pretrained_path(kind)))
+    labels = torch.arange(20) % 10 if kind == "conditional" else None
+    images = to_uint8(generate(model, diffusion, 20, Sampler("dpm_solver", 10, 1.0, 1.0), labels=labels, seed=0))
+    _, probs = classifier_outputs(load_classifier(), images)
+    assert (probs.max(axis=1) > 0.9).mean() >= 0.8
+    if labels is not None:
+        assert (probs.argmax(axis=1) == labels.numpy()).mean() >= 0.9
+
+
+def test_a_damaged_shipped_file_is_refused(tmp_path, monkeypatch):
+    for name in PRETRAINED.values():
+        (tmp_path / name).write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    (tmp_path / "SHA256SUMS").write_text("".join(f"{'0' * 64}  {name}\n" for name in PRETRAINED.values()))
+    monkeypatch.setattr(checkpoint, "ASSETS_DIR", str(tmp_path))
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        pretrained_path("unconditional")
+
+
+def test_inference_without_a_model_path_samples_the_shipped_models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default output folder is relative to where the command runs
+    written = inference.main(["--num_samples", "4", "--steps", "3"])
+    assert written == [os.path.join("outputs", "pretrained_unconditional", "inference", "samples_dpm_solver.png")]
+    written = inference.main(["--conditional", "--num_samples", "1", "--steps", "3"])
+    assert written == [os.path.join("outputs", "pretrained_conditional", "inference", "samples_dpm_solver.png")]
+
+
+def test_sampling_copy_samples_like_its_checkpoint_and_cannot_resume(tmp_path, train_flags, capsys):
+    trainer.main(train_flags + ["--experiment_name", "run", "--max_steps", "3", "--epochs", "1"])
+    last = tmp_path / "runs" / "run" / "last.pth"
+    copy = tmp_path / "copy.pt"
+    checkpoint.main([str(last), str(copy)])
+    assert os.path.getsize(copy) < os.path.getsize(last) / 2  # no raw weights, no optimizer moments
+    sampler = Sampler("ddim", 3)
+    samples = [generate(*model_from_checkpoint(load_checkpoint(str(p))), 4, sampler, seed=5) for p in (last, copy)]
+    assert torch.equal(samples[0], samples[1])
+    with pytest.raises(SystemExit) as exit_:
+        checkpoint.main([str(last), str(copy)])  # never overwritten
+    assert exit_.value.code == 2 and "exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        trainer.main(["--resume", str(copy)])
+    assert exit_.value.code == 2 and "holds only the EMA weights" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="--no_ema needs"):
+        model_from_checkpoint(load_checkpoint(str(copy)), use_ema=False)
