@@ -21,6 +21,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import config
 import trainer as training
 from cli import ArgumentParser, add_speed_args
 from ddpm_model import GaussianDiffusion
@@ -68,12 +69,14 @@ def bench_ours(flags, device, args, image_size=28):
     """Build the trainer exactly as train.py would and time its train_step (noise, forward, loss,
     backward, AdamW, EMA) on one global batch."""
     with tempfile.TemporaryDirectory() as tmp:
-        targs = training.parse_args(flags + ["--device", str(device), "--output_dir", tmp, "--batch_size",
+        targs = config.parse_args(flags + ["--device", str(device), "--output_dir", tmp, "--batch_size",
                                              str(args.batch_size), "--image_size", str(image_size)], conditional=False)
         if image_size != 28:  # keep attention at the same level: 14x14 at 28 is 16x16 at 32
             sizes = {28: 28, 14: image_size // 2, 7: image_size // 4, 4: image_size // 8}
             targs.attention_resolutions = [sizes[r] for r in targs.attention_resolutions]
-        tr = training.Trainer(targs, False, os.path.join(tmp, "bench"))
+        noise_digits = (torch.randint(0, 256, (args.batch_size, 28, 28), dtype=torch.uint8),
+                        torch.zeros(args.batch_size, dtype=torch.long))  # the step's cost does not depend on them
+        tr = training.Trainer(targs, False, os.path.join(tmp, "bench"), noise_digits)
     idx = torch.arange(args.batch_size, device=device)
     step_time = median_time(lambda: tr.train_step(idx), device, args.repeats)
     return tr.model, tr.ema, step_time, tr.autocast

@@ -25,10 +25,11 @@ class ConditionalUNet(UNet):
     def null_class(self) -> int:
         return self.num_classes
 
-    def embed(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """y: class labels; None (or null_class) for the unconditional branch of classifier-free guidance."""
         if y is None:
             y = torch.full_like(t, self.null_class)
-        return super().embed(t) + self.class_embed(y)
+        return self.denoise(x, self.time_embedding(t) + self.class_embed(y))
 
 
 def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int,

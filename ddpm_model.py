@@ -163,12 +163,14 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def embed(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The embedding every residual block sees; the conditional model adds the class to it."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.denoise(x, self.time_embedding(t))
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         return self.time_mlp(timestep_embedding(t, self.model_channels))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(t, y)
+    def denoise(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The network proper; `emb` is the embedding every residual block sees (time, and class if any)."""
         h = self.input_conv(x)
         skips = [h]
         for level in self.down:

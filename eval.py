@@ -197,7 +197,7 @@ def main(argv=None):
     result["seconds"]["generation"] = generation_seconds
     floor = None if args.no_floor or args.real == "test" else evaluator.floor(len(images), inception=not args.no_inception)
 
-    metrics = {k: result["metrics"].get(k) for k in REPORT_KEYS if k != "class_accuracy" or labels is not None}
+    metrics = {k: result["metrics"][k] for k in REPORT_KEYS if k in result["metrics"]}  # the rest: "unavailable"
     report = dict(metrics, unavailable=result["unavailable"], settings=settings, seconds=result["seconds"],
                   details=result["details"], floor=floor["metrics"] if floor else None)
     fileio.write_json(os.path.join(save_dir, "metrics.json"), report)

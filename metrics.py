@@ -343,7 +343,6 @@ class Evaluator:
             metrics["fid_inception"] = frechet_distance(*feature_stats(feats), ref["mu"], ref["sigma"])
             seconds["inception"] = time.perf_counter() - start
         else:
-            metrics["fid_inception"] = None
             unavailable["fid_inception"] = self.inception_missing if inception else "Inception skipped"
         if self.inception_classifier is not None:
             start = time.perf_counter()
@@ -351,7 +350,6 @@ class Evaluator:
             metrics["is_inception_mean"], metrics["is_inception_std"] = inception_score(probs)
             seconds["inception_score"] = time.perf_counter() - start
         else:
-            metrics["is_inception_mean"] = metrics["is_inception_std"] = None
             unavailable["is_inception"] = ("needs Inception's classifier logits, which the FID network (pool3 only) "
                                            "lacks: give eval.py --inception_logits (README); is_mnist is the in-domain IS")
 

@@ -4,7 +4,6 @@ One run = one experiment directory <output_dir>/<experiment_name>/ holding confi
 best_model.pth, samples/, logs/ (TensorBoard), visualizations/ and summary.json. Runs stop cleanly
 on --epochs, --max_steps, --time_budget, SIGINT or SIGTERM, and --resume continues exactly.
 """
-import argparse
 import copy
 import datetime
 import json
@@ -22,152 +21,21 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import fileio
-import utils
+from artefacts import RunArtefacts
 from checkpoint import build_model, load_checkpoint, save_checkpoint
-from cli import ArgumentParser, UserError, add_speed_args, check_output_dir, fail
+from cli import UserError, check_output_dir, fail
 from conditional_ddpm import drop_labels
-from data import load_mnist, to_model_range, to_uint8
-from ddpm_model import BETA_SCHEDULES, METHODS, PREDICTIONS, GaussianDiffusion, check_schedule
-from metrics import MIN_SAMPLES, Evaluator
+from config import PRESETS, model_config, parse_args
+from data import load_mnist, to_model_range
+from ddpm_model import GaussianDiffusion
+from metrics import Evaluator
 from runtime import amp_dtype, autocast, pick_device
-from sampling import default_labels, digit_rows, generate, make_sampler
+from sampling import make_sampler
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
-# A small model for machines without a GPU, the winner of sweep.py (docs/cpu_recipe.md): 9.5 minutes of
-# training, as many epochs as that allows, the learning rate annealed to the budget's end.
-PRESETS = {
-    "cpu": dict(model_channels=32, channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="",
-                dropout=0.0, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999, min_snr_gamma=5.0,
-                epochs=100, save_freq=1, eval_freq=1, eval_samples=200, time_budget=9.5),
-}
 # Why a run stops, in increasing strength: under DDP every rank adopts the strongest reason any rank has.
 STOP_REASONS = (None, "max_steps", "time_budget", "SIGINT", "SIGTERM")
-# What a resumed run may change; everything else comes from the checkpoint's config.
-RESUME_OVERRIDES = ("epochs", "max_steps", "time_budget", "device", "save_freq", "eval_freq", "log_every",
-                    "compile", "amp", "channels_last", "eval_samples", "save_every_minutes", "data_dir")
-MNIST_CLASSES = 10
-
-
-def int_list(text: str) -> list:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def build_parser(conditional: bool) -> argparse.ArgumentParser:
-    kind = "a class-conditional" if conditional else "an unconditional"
-    p = ArgumentParser(description=f"Train {kind} DDPM on MNIST.")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="a named configuration; flags given on the command line override it. "
-                        "cpu: " + ", ".join(f"{k}={v}" for k, v in PRESETS["cpu"].items()))
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
-    p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
-    p.add_argument("--experiment_name", default=None, help="default: a timestamped name")
-    p.add_argument("--output_dir", default="checkpoints")
-    p.add_argument("--data_dir", default="./data", help="holds MNIST/raw/ (shipped with the repository)")
-    p.add_argument("--save_freq", type=int, default=10, help="epochs between sample grids and last.pth")
-    p.add_argument("--eval_freq", type=int, default=5, help="epochs between evaluations (best_model.pth)")
-    p.add_argument("--save_every_minutes", type=float, default=10.0,
-                   help="also write last.pth after this much training time, mid-epoch too (0: only at --save_freq)")
-    p.add_argument("--resume", default=None, metavar="PATH", help="a last.pth to continue exactly")
-    p.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("model")
-    g.add_argument("--model_channels", type=int, default=128)
-    g.add_argument("--channel_mult", default="1,2,2,2", help="channel multiplier per resolution")
-    g.add_argument("--num_res_blocks", type=int, default=2)
-    g.add_argument("--attention_resolutions", default="14", help="comma-separated feature-map sizes; '' for none")
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--activation", choices=["relu", "silu"], default="relu")
-    g.add_argument("--image_size", type=int, default=28,
-                   help="28 is native; larger even sizes pad the digits (32 to compare with 32x32-only models)")
-    g = p.add_argument_group("diffusion and optimisation")
-    g.add_argument("--beta_schedule", choices=BETA_SCHEDULES, default="linear")
-    g.add_argument("--prediction", choices=PREDICTIONS, default="eps", help="what the network predicts")
-    g.add_argument("--ema_decay", type=float, default=0.9999, help="with warm-up min(decay, (1+n)/(10+n))")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--warmup_steps", type=int, default=500,
-                   help="linear LR warm-up, then cosine to 0 at the end of the last epoch or of --time_budget")
-    g.add_argument("--min_snr_gamma", type=float, default=0.0,
-                   help="Min-SNR-gamma loss weighting (Hang et al. 2023); 0 is the plain loss")
-    add_speed_args(g, "the network (training step and sampling)")
-    g = p.add_argument_group("run length, logging and evaluation")
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--time_budget", type=float, default=None, metavar="MINUTES", help="stop after this long")
-    g.add_argument("--log_every", type=int, default=50, help="steps between loss reads (a host sync)")
-    g.add_argument("--eval_samples", type=int, default=1000, help="samples per evaluation")
-    g.add_argument("--sample_method", choices=METHODS, default="dpm_solver", help="sampler for grids and evaluation")
-    g.add_argument("--sample_steps", type=int, default=20, help="its steps (ddpm uses all T)")
-    g.add_argument("--sample_eta", type=float, default=1.0, help="its noise (ddim, dpm_solver): 0 the ODE, 1 the SDE")
-    if conditional:
-        g = p.add_argument_group("conditioning")
-        g.add_argument("--num_classes", type=int, default=10)
-        g.add_argument("--p_uncond", type=float, default=0.1, help="label dropout for classifier-free guidance")
-        g.add_argument("--guidance_scale", type=float, default=1.0, help="w for sample grids and evaluation")
-    return p
-
-
-def given_flags(parser: argparse.ArgumentParser, argv) -> set:
-    """The destinations of the flags on the command line itself (not defaults, not the preset's)."""
-    bare = copy.deepcopy(parser)
-    for action in bare._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(bare.parse_args(argv)))
-
-
-def parse_args(argv, conditional: bool) -> argparse.Namespace:
-    parser = build_parser(conditional)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset:
-        parser.set_defaults(**PRESETS[preset])
-    args = parser.parse_args(argv)
-    args.given = given_flags(parser, argv)
-    if args.resume:
-        refused = sorted(args.given - set(RESUME_OVERRIDES) - {"resume"})
-        if refused:
-            parser.error(f"a resumed run keeps the configuration of its checkpoint; {' '.join('--' + n for n in refused)} "
-                         f"cannot change (what may: {' '.join('--' + n for n in RESUME_OVERRIDES)})")
-    for name in ("epochs", "batch_size", "timesteps", "model_channels", "num_res_blocks", "save_freq",
-                 "eval_freq", "log_every", "sample_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "grad_clip", "weight_decay", "warmup_steps", "sample_eta", "min_snr_gamma",
-                 "save_every_minutes") + (("guidance_scale",) if conditional else ()):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
-    for name in ("dropout", "ema_decay"):
-        if not 0 <= getattr(args, name) < 1:
-            parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max_steps must be at least 1, got {args.max_steps}")
-    if args.time_budget is not None and args.time_budget <= 0:
-        parser.error(f"--time_budget must be positive, got {args.time_budget}")
-    if args.eval_samples < MIN_SAMPLES:
-        parser.error(f"--eval_samples must be at least {MIN_SAMPLES} (the metrics need that many), "
-                     f"got {args.eval_samples}")
-    try:
-        args.channel_mult, args.attention_resolutions = int_list(args.channel_mult), int_list(args.attention_resolutions)
-    except ValueError:
-        parser.error("--channel_mult and --attention_resolutions take comma-separated integers")
-    if not args.channel_mult or min(args.channel_mult) < 1 or min(args.attention_resolutions, default=1) < 1:
-        parser.error("--channel_mult needs at least one level, and it and --attention_resolutions take positive "
-                     "integers")
-    if args.image_size < 28 or args.image_size % 2:
-        parser.error(f"--image_size must be an even number of at least 28, got {args.image_size}")
-    try:
-        check_schedule(args.beta_schedule, args.timesteps)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.sample_method != "ddpm" and args.sample_steps > args.timesteps:
-        parser.error(f"--sample_steps {args.sample_steps} is more than the {args.timesteps} --timesteps")
-    if conditional and args.num_classes < MNIST_CLASSES:
-        parser.error(f"--num_classes must be at least {MNIST_CLASSES}: MNIST has labels 0-9, got {args.num_classes}")
-    if conditional and not 0 <= args.p_uncond <= 1:
-        parser.error(f"--p_uncond must be in [0, 1], got {args.p_uncond}")
-    return args
 
 
 def git_commit():
@@ -176,24 +44,6 @@ def git_commit():
                               timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def model_config(args) -> dict:
-    config = dict(model_channels=args.model_channels, channel_mult=args.channel_mult,
-                  num_res_blocks=args.num_res_blocks, attention_resolutions=args.attention_resolutions,
-                  dropout=args.dropout, activation=args.activation, image_size=args.image_size)
-    if getattr(args, "num_classes", None):
-        config["num_classes"] = args.num_classes
-    return config
-
-
-def log_hparams(writer, run_args: dict, metrics: dict) -> None:
-    """The run's flags and final evaluation in TensorBoard's HParams tab, which lines up the runs under one
-    --logdir (a sweep, say) side by side. The metrics point at the eval/ scalars already logged."""
-    from torch.utils.tensorboard.summary import hparams
-    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_args.items()}
-    for summary in hparams(flat, {f"eval/{k}": v for k, v in metrics.items()}):
-        writer.file_writer.add_summary(summary)
 
 
 def init_distributed():
@@ -210,19 +60,57 @@ def init_distributed():
     return rank, world, local_rank
 
 
+class StopPolicy:
+    """When a run stops: --max_steps, --time_budget on the training clock, or SIGINT/SIGTERM. The first
+    signal lets the step finish and the run save and evaluate; a second stops as soon as last.pth holds
+    the current step (`is_saved` says whether it does)."""
+
+    def __init__(self, max_steps: int | None, time_budget: float | None, world: int, device, is_saved):
+        self.max_steps, self.budget_seconds = max_steps, None if time_budget is None else 60 * time_budget
+        self.world, self.device, self.is_saved = world, device, is_saved
+        self.reason, self.hurry = None, False
+
+    def request(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.reason in ("SIGINT", "SIGTERM"):
+            self.hurry = True
+            if self.is_saved():
+                raise KeyboardInterrupt
+            print(f"\n{name} again: stopping once last.pth is written", flush=True)
+            return
+        self.reason = name
+        print(f"\n{name} received: finishing this step, then saving last.pth (again to stop sooner)", flush=True)
+
+    def check(self, step: int, clock: float) -> float:
+        """Decide after a step whether to stop (`reason`); returns the clock all ranks agree on. Under DDP
+        every rank adopts the strongest reason any rank has and the slowest rank's clock, so that all of
+        them set the same learning rate and stop at the same step."""
+        if self.max_steps is not None and step >= self.max_steps:
+            self.reason = self.reason or "max_steps"
+        if self.world > 1:
+            shared = torch.tensor([STOP_REASONS.index(self.reason), clock], device=self.device, dtype=torch.float64)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            self.reason, clock = STOP_REASONS[int(shared[0])], shared[1].item()
+        if self.budget_seconds is not None and clock >= self.budget_seconds:
+            self.reason = self.reason or "time_budget"
+        return clock
+
+
 class Trainer:
-    def __init__(self, args, conditional: bool, exp_dir: str, ckpt=None, rank: int = 0, world: int = 1,
-                 local_rank: int = 0):
-        self.args, self.conditional, self.exp_dir = args, conditional, exp_dir
+    def __init__(self, args, conditional: bool, exp_dir: str, data: tuple, evaluator=None, ckpt=None, rank: int = 0,
+                 world: int = 1, local_rank: int = 0):
+        """`data`: (uint8 images [N, 28, 28], labels [N]) to train on; `evaluator`: the metrics.Evaluator
+        of the run's evaluations (None: none); `ckpt`: a checkpoint to resume."""
+        self.args, self.conditional, self.exp_dir, self.evaluator = args, conditional, exp_dir, evaluator
         self.rank, self.world, self.is_main = rank, world, rank == 0
         if args.batch_size % world:
             raise UserError(f"--batch_size {args.batch_size} (the global batch) must divide among {world} processes")
         self.device = pick_device(args.device)
         if self.device.type == "cuda" and world > 1:
             self.device = torch.device("cuda", local_rank)
-        amp = amp_dtype(self.device, args.amp)  # checked before the data is loaded
+        amp = amp_dtype(self.device, args.amp)
         torch.manual_seed(args.seed + rank)  # dropout differs per rank
-        images, labels = load_mnist(args.data_dir, train=True)
+        images, labels = data
         # The whole training set lives on the device as uint8 and is indexed per batch.
         self.pad = (args.image_size - images.shape[-1]) // 2  # centred in black, like MNIST's own 20 -> 28 padding
         self.images, self.labels = F.pad(images, (self.pad,) * 4).to(self.device), labels.to(self.device)
@@ -230,7 +118,6 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise UserError(f"--batch_size {args.batch_size} is larger than the training set ({len(images)})")
         self.total_steps = args.epochs * self.steps_per_epoch  # the LR schedule's length; --max_steps cuts it
-        self.evaluator = Evaluator(args.data_dir, inception=False, device=self.device, train_images=images)
 
         self.model = build_model(model_config(args), conditional).to(
             self.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
@@ -263,11 +150,11 @@ class Trainer:
         self.session_start = time.perf_counter()
         if ckpt is not None:
             self.load_state(ckpt)
-        self.last_metrics = {}
         self.clock = self.elapsed  # training seconds as all ranks agreed at the last step: drives the LR
         self.saved_step = self.step if ckpt is not None else None  # what last.pth holds
         self.saved_clock = self.clock
-        self.stop_reason, self.hurry = None, False
+        self.last_metrics = {}
+        self.stop = StopPolicy(args.max_steps, args.time_budget, world, self.device, lambda: self.saved_step == self.step)
 
     # -------------------------------------------------------------------------- schedule and state
 
@@ -358,91 +245,7 @@ class Trainer:
         decay = min(self.args.ema_decay, (1 + self.step) / (10 + self.step))
         torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
 
-    # -------------------------------------------------------------------------- evaluation and artefacts
-
-    def sample_labels(self, n: int):
-        return digit_rows(self.args.num_classes, n // self.args.num_classes) if self.conditional else None
-
-    def generate(self, n: int, labels=None):
-        a = self.args
-        return generate(self.ema, self.diffusion, n, self.sampler, labels=labels, batch_size=max(a.batch_size, 100),
-                        seed=a.seed, device=self.device, amp=a.amp, compile_mode=a.compile, channels_last=a.channels_last)
-
-    def write_samples(self, writer) -> str:
-        n = 10 * (self.args.num_classes if self.conditional else 10)
-        images = self.generate(n, self.sample_labels(n))
-        path = os.path.join(self.exp_dir, "samples", f"epoch_{self.epoch:03d}.png")
-        utils.save_grid(images, path, nrow=10)
-        writer.add_image("samples", utils.grid_array(images, 10), self.step, dataformats="HW")
-        return path
-
-    @torch.no_grad()
-    def test_loss(self) -> float:
-        """EMA loss on a fixed part of the MNIST test split, with fixed noise: comparable across evaluations."""
-        images, labels = self.evaluator.test_images, self.evaluator.test_labels
-        n = min(self.args.eval_samples, len(images))
-        gen = torch.Generator(self.device).manual_seed(1234)
-        total = 0.0
-        for start in range(0, n, 500):
-            x0 = to_model_range(F.pad(images[start:start + min(500, n - start)], (self.pad,) * 4).to(self.device))
-            kwargs = {"y": labels[start:start + len(x0)].to(self.device)} if self.conditional else {}
-            with self.autocast():
-                total += self.diffusion.training_loss(self.ema, x0, kwargs, generator=gen).item() * len(x0)
-        return total / n
-
-    def evaluate(self, writer) -> dict:
-        """Test loss, and the MNIST-domain sample metrics of eval.py; fid_mnist picks best_model.pth."""
-        metrics = {"test_loss": self.test_loss()}
-        n = self.args.eval_samples
-        labels = default_labels(self.ema, n)
-        images = to_uint8(self.generate(n, labels))
-        images = images[:, self.pad:self.pad + 28, self.pad:self.pad + 28]  # the classifier reads 28x28
-        result = self.evaluator.evaluate(images, labels, inception=False, sample_stats=False)["metrics"]
-        metrics.update({k: v for k, v in result.items() if v is not None})
-        for name, value in metrics.items():
-            writer.add_scalar(f"eval/{name}", value, self.step)
-        self.last_metrics = metrics
-        key = "fid_mnist"
-        if self.best["value"] is None or metrics[key] < self.best["value"]:
-            self.best = {"metric": key, "value": metrics[key], "step": self.step}
-            self.save("best_model.pth")
-        return metrics
-
-    def write_visualizations(self) -> None:
-        vis = os.path.join(self.exp_dir, "visualizations")
-        if self.history["step"]:
-            utils.plot_loss_curve(self.history["step"], self.history["loss"], os.path.join(vis, "loss_curve.png"))
-        utils.plot_noise_schedule(self.diffusion, os.path.join(vis, "noise_schedule.png"))
-
     # -------------------------------------------------------------------------- the loop
-
-    def request_stop(self, signum, _frame) -> None:
-        """First signal: finish the step, save, evaluate, exit 0. Second: stop as soon as last.pth is safe."""
-        name = signal.Signals(signum).name
-        if self.stop_reason in ("SIGINT", "SIGTERM"):
-            self.hurry = True
-            if self.saved_step == self.step:
-                raise KeyboardInterrupt
-            print(f"\n{name} again: stopping once last.pth is written", flush=True)
-            return
-        self.stop_reason = name
-        print(f"\n{name} received: finishing this step, then saving last.pth (again to stop sooner)", flush=True)
-
-    def out_of_budget(self) -> bool:
-        """Whether to stop after this step; under DDP every rank adopts the strongest reason any rank has,
-        and the slowest rank's clock, so that all of them set the same learning rate."""
-        a = self.args
-        self.clock = self.training_seconds()
-        if a.max_steps is not None and self.step >= a.max_steps:
-            self.stop_reason = self.stop_reason or "max_steps"
-        if self.world > 1:
-            shared = torch.tensor([STOP_REASONS.index(self.stop_reason), self.clock], device=self.device,
-                                  dtype=torch.float64)
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-            self.stop_reason, self.clock = STOP_REASONS[int(shared[0])], shared[1].item()
-        if a.time_budget is not None and self.clock >= 60 * a.time_budget:
-            self.stop_reason = self.stop_reason or "time_budget"
-        return self.stop_reason is not None
 
     def log(self, writer, window: dict, grad_norm, bar, interactive: bool):
         """Read the loss (the only host sync of the loop), check it, and report it."""
@@ -469,52 +272,53 @@ class Trainer:
         self.history["loss"].append(loss)
         return images_per_sec
 
-    def end_of_epoch(self, writer, final: bool, finished_epoch: bool) -> None:
-        """last.pth, then sample grid and evaluation, on rank 0 when due; the other ranks wait for it.
-
-        The checkpoint comes first and the rest cannot lose it: a failing evaluation or plot is reported
-        and the run goes on (a bug in a metric must not cost a 100-epoch run)."""
+    def end_of_epoch(self, out, final: bool, finished_epoch: bool) -> None:
+        """last.pth, then sample grid and evaluation (`out`, rank 0's RunArtefacts) when due; the other
+        ranks wait. The checkpoint comes first and the rest cannot lose it: a failing evaluation or plot
+        is reported and the run goes on (a bug in a metric must not cost a 100-epoch run)."""
         a = self.args
         if final or (finished_epoch and self.epoch % a.save_freq == 0):
             self.checkpoint()
-            if self.hurry:
+            if self.stop.hurry:
                 raise KeyboardInterrupt
-            if self.is_main:
-                self.survive("sample grid", lambda: self.write_samples(writer), writer)
-                self.survive("plots", self.write_visualizations, writer)
-        if self.is_main and (final or (finished_epoch and self.epoch % a.eval_freq == 0)):
-            metrics = self.survive("evaluation", lambda: self.evaluate(writer), writer)
+            if out is not None:
+                out.survive("sample grid", lambda: out.write_samples(self.step, self.epoch), self.step)
+                out.survive("plots", lambda: out.write_plots(self.history), self.step)
+        if out is not None and self.evaluator is not None and (final or (finished_epoch and self.epoch % a.eval_freq == 0)):
+            metrics = out.survive("evaluation", lambda: out.evaluate(self.step), self.step)
             if metrics:
                 print("evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+                self.last_metrics = metrics
+                if self.best["value"] is None or metrics["fid_mnist"] < self.best["value"]:
+                    self.best = {"metric": "fid_mnist", "value": metrics["fid_mnist"], "step": self.step}
+                    self.save("best_model.pth")
         if self.world > 1:
             dist.barrier()
 
-    def survive(self, what: str, work, writer):
-        """work(), or None with a warning on stderr and in TensorBoard if it fails for any reason but a stop."""
-        try:
-            return work()
-        except Exception as e:  # noqa: BLE001 -- whatever went wrong, the run and its checkpoint go on
-            message = f"{what} failed at step {self.step} and was skipped: {type(e).__name__}: {e}"
-            print(f"warning: {message}", file=sys.stderr, flush=True)
-            writer.add_text("warnings", message, self.step)
-            return None
+    def out_of_budget(self) -> bool:
+        self.clock = self.stop.check(self.step, self.training_seconds())
+        return self.stop.reason is not None
 
     def train(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
         a = self.args
-        writer = SummaryWriter(os.path.join(self.exp_dir, "logs"), purge_step=self.step or None) if self.is_main else None
-        if writer is not None and self.step == 0:
-            writer.add_text("config", "```\n" + json.dumps(self.args.saved_config, indent=2) + "\n```")
-        handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        writer, out = None, None
+        if self.is_main:
+            writer = SummaryWriter(os.path.join(self.exp_dir, "logs"), purge_step=self.step or None)
+            out = RunArtefacts(a, self.exp_dir, self.ema, self.diffusion, self.sampler, self.evaluator, writer,
+                               self.device, self.pad)
+            if self.step == 0:
+                writer.add_text("config", "```\n" + json.dumps(a.saved_config, indent=2) + "\n```")
+        handlers = {s: signal.signal(s, self.stop.request) for s in (signal.SIGINT, signal.SIGTERM)}
         interactive = sys.stdout.isatty() and self.is_main
         self.session_start = time.perf_counter()
         new_window = lambda: {"loss": torch.zeros((), device=self.device), "steps": 0, "t": time.perf_counter()}
         window, images_per_sec, first_step = new_window(), None, self.step
         try:
             if self.out_of_budget():
-                print(f"nothing to train: the run is at step {self.step} ({self.stop_reason})", flush=True)
+                print(f"nothing to train: the run is at step {self.step} ({self.stop.reason})", flush=True)
                 return None
             while self.epoch < a.epochs and not self.out_of_budget():  # a stop during an epoch's evaluation too
                 if self.step_in_epoch == 0:
@@ -547,11 +351,11 @@ class Trainer:
                 if finished_epoch:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self.elapsed = self.training_seconds()
-                self.end_of_epoch(writer, self.stop_reason is not None or self.epoch >= a.epochs, finished_epoch)
+                self.end_of_epoch(out, self.stop.reason is not None or self.epoch >= a.epochs, finished_epoch)
                 self.session_start = time.perf_counter()  # evaluation and saving do not count against the budget
             if self.saved_step != self.step:  # stopped while an epoch end that saved nothing was evaluating
-                self.end_of_epoch(writer, final=True, finished_epoch=False)
-            summary = dict(stopped_by=self.stop_reason or "epochs", steps=self.step, epochs=self.epoch,
+                self.end_of_epoch(out, final=True, finished_epoch=False)
+            summary = dict(stopped_by=self.stop.reason or "epochs", steps=self.step, epochs=self.epoch,
                            steps_this_session=self.step - first_step,
                            final_loss=self.history["loss"][-1] if self.history["loss"] else None,
                            best_loss=min(self.history["loss"], default=None),
@@ -560,9 +364,9 @@ class Trainer:
             if self.is_main:
                 fileio.write_json(os.path.join(self.exp_dir, "summary.json"), summary)
                 if self.last_metrics:
-                    log_hparams(writer, self.args.saved_config["args"], self.last_metrics)
-                if self.stop_reason in ("SIGINT", "SIGTERM"):
-                    print(f"stopped by {self.stop_reason}; resume with --resume {os.path.join(self.exp_dir, 'last.pth')}")
+                    out.log_hparams(a.saved_config["args"], self.last_metrics)
+                if self.stop.reason in ("SIGINT", "SIGTERM"):
+                    print(f"stopped by {self.stop.reason}; resume with --resume {os.path.join(self.exp_dir, 'last.pth')}")
             return summary
         finally:
             for sig, handler in handlers.items():
@@ -647,7 +451,11 @@ def main(argv=None, conditional: bool = False) -> dict:
                 exp_dir, ckpt = setup(args, conditional, world, check_new=False)
         if error is not None:
             raise UserError(error)
-        trainer = Trainer(args, conditional, exp_dir, ckpt, rank, world, local_rank)
+        device = pick_device(args.device)
+        amp_dtype(device, args.amp)  # a bad --device or --amp fails before the data loads
+        data = load_mnist(args.data_dir, train=True)
+        evaluator = Evaluator(args.data_dir, inception=False, device=device, train_images=data[0]) if rank == 0 else None
+        trainer = Trainer(args, conditional, exp_dir, data, evaluator, ckpt, rank, world, local_rank)
         if trainer.is_main:
             fileio.write_json(os.path.join(exp_dir, "config.json"), args.saved_config)  # once the run can start
     except (UserError, fileio.WriteError) as e:

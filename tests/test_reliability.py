@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import artefacts
 import eval as eval_script
 import fileio
 import inference
@@ -46,9 +47,9 @@ def no_temporaries(folder):
 # ----------------------------------------------------------------------------- a run is never lost
 
 def test_failing_evaluation_keeps_the_run(train_flags, tmp_path, capsys, monkeypatch):
-    def broken(self, writer):
+    def broken(self, step):
         raise RuntimeError("metric exploded")
-    monkeypatch.setattr(trainer.Trainer, "evaluate", broken)
+    monkeypatch.setattr(artefacts.RunArtefacts, "evaluate", broken)
     summary = run(train_flags + ["--experiment_name", "e", "--max_steps", "4"])
     assert summary["steps"] == 4
     assert load_checkpoint(str(tmp_path / "runs" / "e" / "last.pth"))["step"] == 4
