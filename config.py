@@ -2,16 +2,64 @@
 named presets, the checks a command line must pass, and the model configuration a run builds."""
 import argparse
 import copy
+import dataclasses
 import sys
+import types
+import typing
+from dataclasses import dataclass
 
 from cli import ArgumentParser, add_speed_args
-from ddpm_model import BETA_SCHEDULES, METHODS, PREDICTIONS, check_schedule
+from ddpm_model import METHODS, DiffusionConfig, ModelConfig, check_schedule, option
 from metrics import MIN_SAMPLES
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The run, the optimiser and the run's length, checkpoints and evaluations."""
+    epochs: int = option(100)
+    batch_size: int = option(128, "the global batch (split among processes under torchrun)")
+    lr: float = option(2e-4, "peak learning rate (AdamW)")
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    experiment_name: str | None = option(None, "default: a timestamped name")
+    output_dir: str = option("checkpoints")
+    data_dir: str = option("./data", "holds MNIST/raw/ (shipped with the repository)")
+    save_freq: int = option(10, "epochs between sample grids and last.pth")
+    eval_freq: int = option(5, "epochs between evaluations (best_model.pth)")
+    save_every_minutes: float = option(10.0, "also write last.pth after this much training time, mid-epoch too "
+                                             "(0: only at --save_freq)")
+    resume: str | None = option(None, "a last.pth to continue exactly", metavar="PATH")
+    seed: int = option(0)
+    ema_decay: float = option(0.9999, "with warm-up min(decay, (1+n)/(10+n))")
+    grad_clip: float = option(1.0, "max gradient norm; 0 disables")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(500, "linear LR warm-up, then cosine to 0 at the end of the last epoch or of --time_budget")
+    min_snr_gamma: float = option(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023); 0 is the plain loss")
+    max_steps: int | None = option(None, "stop after this many optimizer steps")
+    time_budget: float | None = option(None, "stop after this long", metavar="MINUTES")
+    log_every: int = option(50, "steps between loss reads (a host sync)")
+    eval_samples: int = option(1000, "samples per evaluation")
+
+
+@dataclass(frozen=True)
+class GridSamplerConfig:
+    """How the run's sample grids and evaluations sample (a sampling.Sampler once the model is known)."""
+    sample_method: str = option("dpm_solver", "sampler for grids and evaluation", choices=METHODS)
+    sample_steps: int = option(20, "its steps (ddpm uses all T)")
+    sample_eta: float = option(1.0, "its noise (ddim, dpm_solver): 0 the ODE, 1 the SDE")
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    """train_conditional.py only."""
+    num_classes: int = option(10)
+    p_uncond: float = option(0.1, "label dropout for classifier-free guidance")
+    guidance_scale: float = option(1.0, "w for sample grids and evaluation")
+
 
 # A small model for machines without a GPU, the winner of sweep.py (docs/cpu_recipe.md): 9.5 minutes of
 # training, as many epochs as that allows, the learning rate annealed to the budget's end.
 PRESETS = {
-    "cpu": dict(model_channels=32, channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="",
+    "cpu": dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
                 dropout=0.0, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999, min_snr_gamma=5.0,
                 epochs=100, save_freq=1, eval_freq=1, eval_samples=200, time_budget=9.5),
 }
@@ -21,63 +69,44 @@ RESUME_OVERRIDES = ("epochs", "max_steps", "time_budget", "device", "save_freq",
 MNIST_CLASSES = 10
 
 
-def int_list(text: str) -> list:
-    return [int(v) for v in text.split(",") if v.strip()]
+def int_list(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from None
+
+
+def flag_value(value) -> str:
+    """A value as it is typed on the command line (and shown in --help): tuples comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def add_fields(group, config_class) -> None:
+    """One flag per field of a configuration dataclass, with its type, default, choices and help."""
+    for f in dataclasses.fields(config_class):
+        kind = f.type
+        if isinstance(kind, types.UnionType):  # X | None -> X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        is_list = typing.get_origin(kind) is tuple  # argparse parses a string default as if typed: shown as typed
+        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        group.add_argument(f"--{f.name}", type=int_list if is_list else kind,
+                           default=flag_value(f.default) if is_list else f.default,
+                           help=f.metadata.get("help") or None, **extra)
 
 
 def build_parser(conditional: bool) -> argparse.ArgumentParser:
     kind = "a class-conditional" if conditional else "an unconditional"
     p = ArgumentParser(description=f"Train {kind} DDPM on MNIST.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="a named configuration; flags given on the command line override it. "
-                        "cpu: " + ", ".join(f"{k}={v}" for k, v in PRESETS["cpu"].items()))
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
-    p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
-    p.add_argument("--experiment_name", default=None, help="default: a timestamped name")
-    p.add_argument("--output_dir", default="checkpoints")
-    p.add_argument("--data_dir", default="./data", help="holds MNIST/raw/ (shipped with the repository)")
-    p.add_argument("--save_freq", type=int, default=10, help="epochs between sample grids and last.pth")
-    p.add_argument("--eval_freq", type=int, default=5, help="epochs between evaluations (best_model.pth)")
-    p.add_argument("--save_every_minutes", type=float, default=10.0,
-                   help="also write last.pth after this much training time, mid-epoch too (0: only at --save_freq)")
-    p.add_argument("--resume", default=None, metavar="PATH", help="a last.pth to continue exactly")
-    p.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("model")
-    g.add_argument("--model_channels", type=int, default=128)
-    g.add_argument("--channel_mult", default="1,2,2,2", help="channel multiplier per resolution")
-    g.add_argument("--num_res_blocks", type=int, default=2)
-    g.add_argument("--attention_resolutions", default="14", help="comma-separated feature-map sizes; '' for none")
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--activation", choices=["relu", "silu"], default="relu")
-    g.add_argument("--image_size", type=int, default=28,
-                   help="28 is native; larger even sizes pad the digits (32 to compare with 32x32-only models)")
-    g = p.add_argument_group("diffusion and optimisation")
-    g.add_argument("--beta_schedule", choices=BETA_SCHEDULES, default="linear")
-    g.add_argument("--prediction", choices=PREDICTIONS, default="eps", help="what the network predicts")
-    g.add_argument("--ema_decay", type=float, default=0.9999, help="with warm-up min(decay, (1+n)/(10+n))")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--warmup_steps", type=int, default=500,
-                   help="linear LR warm-up, then cosine to 0 at the end of the last epoch or of --time_budget")
-    g.add_argument("--min_snr_gamma", type=float, default=0.0,
-                   help="Min-SNR-gamma loss weighting (Hang et al. 2023); 0 is the plain loss")
-    add_speed_args(g, "the network (training step and sampling)")
-    g = p.add_argument_group("run length, logging and evaluation")
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--time_budget", type=float, default=None, metavar="MINUTES", help="stop after this long")
-    g.add_argument("--log_every", type=int, default=50, help="steps between loss reads (a host sync)")
-    g.add_argument("--eval_samples", type=int, default=1000, help="samples per evaluation")
-    g.add_argument("--sample_method", choices=METHODS, default="dpm_solver", help="sampler for grids and evaluation")
-    g.add_argument("--sample_steps", type=int, default=20, help="its steps (ddpm uses all T)")
-    g.add_argument("--sample_eta", type=float, default=1.0, help="its noise (ddim, dpm_solver): 0 the ODE, 1 the SDE")
+                   help="a named configuration; flags given on the command line override it. cpu: "
+                        + " ".join(f"--{k} {flag_value(v) or repr('')}" for k, v in PRESETS["cpu"].items()))
+    groups = [("training", TrainingConfig), ("model", ModelConfig), ("diffusion", DiffusionConfig),
+              ("sample grids and evaluations", GridSamplerConfig)]
     if conditional:
-        g = p.add_argument_group("conditioning")
-        g.add_argument("--num_classes", type=int, default=10)
-        g.add_argument("--p_uncond", type=float, default=0.1, help="label dropout for classifier-free guidance")
-        g.add_argument("--guidance_scale", type=float, default=1.0, help="w for sample grids and evaluation")
+        groups.append(("conditioning", ConditioningConfig))
+    for title, config_class in groups:
+        add_fields(p.add_argument_group(title), config_class)
+    add_speed_args(p.add_argument_group("speed"), "the network (training step and sampling)")
     return p
 
 
@@ -120,10 +149,6 @@ def parse_args(argv, conditional: bool) -> argparse.Namespace:
     if args.eval_samples < MIN_SAMPLES:
         parser.error(f"--eval_samples must be at least {MIN_SAMPLES} (the metrics need that many), "
                      f"got {args.eval_samples}")
-    try:
-        args.channel_mult, args.attention_resolutions = int_list(args.channel_mult), int_list(args.attention_resolutions)
-    except ValueError:
-        parser.error("--channel_mult and --attention_resolutions take comma-separated integers")
     if not args.channel_mult or min(args.channel_mult) < 1 or min(args.attention_resolutions, default=1) < 1:
         parser.error("--channel_mult needs at least one level, and it and --attention_resolutions take positive "
                      "integers")
@@ -142,10 +167,14 @@ def parse_args(argv, conditional: bool) -> argparse.Namespace:
     return args
 
 
+def values(args, config_class) -> dict:
+    """The fields of `config_class` as the parsed flags `args` set them."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
+
+
 def model_config(args) -> dict:
-    config = dict(model_channels=args.model_channels, channel_mult=args.channel_mult,
-                  num_res_blocks=args.num_res_blocks, attention_resolutions=args.attention_resolutions,
-                  dropout=args.dropout, activation=args.activation, image_size=args.image_size)
+    """The keyword arguments of UNet, or of ConditionalUNet when the run is conditional."""
+    config = values(args, ModelConfig)
     if getattr(args, "num_classes", None):
         config["num_classes"] = args.num_classes
     return config

@@ -7,6 +7,7 @@ closed-form oracles in the tests.
 """
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,31 @@ PREDICTIONS = ("eps", "x0", "v")
 BETA_SCHEDULES = ("linear", "cosine")
 SPACINGS = ("uniform", "leading", "trailing", "logsnr")
 METHODS = ("ddpm", "ddim", "dpm_solver")
+
+
+def option(default, help: str = "", **flag):
+    """A configuration field: its default, and the help (and choices) of the command-line flag made from it."""
+    return field(default=default, metadata=dict(help=help, **flag))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net's shape: UNet's defaults, and the model flags of train.py."""
+    model_channels: int = option(128, "width of the first level")
+    channel_mult: tuple[int, ...] = option((1, 2, 2, 2), "channel multiplier per resolution, comma-separated")
+    num_res_blocks: int = option(2, "residual blocks per level")
+    attention_resolutions: tuple[int, ...] = option((14,), "feature-map sizes with self-attention; '' for none")
+    dropout: float = option(0.1)
+    activation: str = option("relu", choices=tuple(ACTIVATIONS))
+    image_size: int = option(28, "28 is native; larger even sizes pad the digits (32 to compare with 32x32-only models)")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The diffusion process: GaussianDiffusion's defaults, and the diffusion flags of train.py."""
+    timesteps: int = option(1000, "diffusion steps T")
+    beta_schedule: str = option("linear", choices=BETA_SCHEDULES)
+    prediction: str = option("eps", "what the network predicts", choices=PREDICTIONS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,10 +132,11 @@ class UNet(nn.Module):
     and upsampling returns to the size of the matching skip connection.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 1, model_channels: int = 128,
-                 channel_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
-                 attention_resolutions: Sequence[int] = (14,), dropout: float = 0.1,
-                 activation: str = "relu", image_size: int = 28):
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, model_channels: int = ModelConfig.model_channels,
+                 channel_mult: Sequence[int] = ModelConfig.channel_mult, num_res_blocks: int = ModelConfig.num_res_blocks,
+                 attention_resolutions: Sequence[int] = ModelConfig.attention_resolutions,
+                 dropout: float = ModelConfig.dropout, activation: str = ModelConfig.activation,
+                 image_size: int = ModelConfig.image_size):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -258,7 +285,8 @@ class GaussianDiffusion(nn.Module):
     A module only so that `.to(device)` moves the schedule tensors with it; it has no parameters.
     """
 
-    def __init__(self, timesteps: int = 1000, beta_schedule: str = "linear", prediction: str = "eps"):
+    def __init__(self, timesteps: int = DiffusionConfig.timesteps, beta_schedule: str = DiffusionConfig.beta_schedule,
+                 prediction: str = DiffusionConfig.prediction):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")

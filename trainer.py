@@ -25,9 +25,9 @@ from artefacts import RunArtefacts
 from checkpoint import build_model, load_checkpoint, save_checkpoint
 from cli import UserError, check_output_dir, fail
 from conditional_ddpm import drop_labels
-from config import PRESETS, model_config, parse_args
+from config import PRESETS, model_config, parse_args, values
 from data import load_mnist, to_model_range
-from ddpm_model import GaussianDiffusion
+from ddpm_model import DiffusionConfig, GaussianDiffusion
 from metrics import Evaluator
 from runtime import amp_dtype, autocast, pick_device
 from sampling import make_sampler
@@ -127,7 +127,7 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=[local_rank] if self.device.type == "cuda" else None)
         if args.compile:
             self.net = torch.compile(self.net, mode=args.compile)
-        self.diffusion = GaussianDiffusion(args.timesteps, args.beta_schedule, args.prediction).to(self.device)
+        self.diffusion = GaussianDiffusion(**values(args, DiffusionConfig)).to(self.device)
         self.sampler = make_sampler(args.sample_method, args.timesteps,  # of sample grids and evaluations
                                     None if args.sample_method == "ddpm" else args.sample_steps, args.sample_eta,
                                     getattr(args, "guidance_scale", 0.0))

@@ -234,7 +234,7 @@ def test_lr_schedule_ends_with_the_time_budget(train_flags):
 
 
 def test_budgeted_run_stops_near_zero_lr(train_flags, tmp_path):
-    run(train_flags + ["--experiment_name", "anneal", "--time_budget", "0.1", "--log_every", "1"])
+    run(train_flags + ["--experiment_name", "anneal", "--time_budget", "0.15", "--log_every", "1"])
     events = EventAccumulator(str(tmp_path / "runs" / "anneal" / "logs"))
     events.Reload()
     lrs = [e.value for e in events.Scalars("train/lr")]
