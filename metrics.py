@@ -175,7 +175,8 @@ def load_inception(device="cpu"):
     path = find_inception()
     if path is None:
         return None
-    return torch.jit.load(path, map_location=device).eval()
+    # NHWC lets oneDNN pick faster convolutions on the CPU; the features match NCHW's to about 1e-5
+    return torch.jit.load(path, map_location=device).eval().to(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
@@ -187,7 +188,7 @@ def inception_features(net, images: torch.Tensor, batch_size: int = 50, device="
         x = images[start:start + batch_size].to(device).float().unsqueeze(1).expand(-1, 3, -1, -1) / 255
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # as pytorch-fid
         x = x * (255 / 128) - 1  # the TF network's input range: pixel / 128 - 1
-        f = net(x)
+        f = net(x.contiguous(memory_format=torch.channels_last))
         out.append(f.reshape(f.shape[0], -1).double().cpu())
     return torch.cat(out).numpy()
 
@@ -219,7 +220,7 @@ def load_inception_classifier(path: str, device="cpu") -> nn.Module:
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, TypeError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path} is not pytorch-fid's pt_inception-2015-12-05 state dict ({first[:120]})") from None
-    return net.eval().to(device)
+    return net.eval().to(device, memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
@@ -231,7 +232,7 @@ def inception_probabilities(net, images: torch.Tensor, batch_size: int = 50, dev
     for start in tqdm(range(0, len(images), batch_size), desc="Inception Score", disable=not progress):
         x = images[start:start + batch_size].to(device).float().unsqueeze(1).expand(-1, 3, -1, -1) / 255
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        out.append(net(2 * x - 1).double().softmax(dim=1).cpu())
+        out.append(net((2 * x - 1).contiguous(memory_format=torch.channels_last)).double().softmax(dim=1).cpu())
     return torch.cat(out).numpy()
 
 

@@ -13,13 +13,13 @@ interrupted sweep continues where it stopped. Every run also lands in TensorBoar
 """
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 from cli import ArgumentParser, fail
 from fileio import write_json, write_text
+from runtime import cpu_name
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -95,14 +95,6 @@ def run_candidate(name, args):
                 sampler=f"{settings['method']} {settings['steps']} steps, eta {settings['eta']}",
                 guidance_scale=settings["guidance_scale"], sampling_seconds=metrics["seconds"]["generation"],
                 date=time.strftime("%Y-%m-%d"))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def fmt(v, digits=3):

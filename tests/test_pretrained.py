@@ -1,4 +1,5 @@
-"""The models shipped in assets/, and the sampling copy they are saved as."""
+"""The models shipped in assets/, the sampling copy they are saved as, and the results table."""
+import json
 import os
 
 import pytest
@@ -6,8 +7,10 @@ import torch
 
 import checkpoint
 import inference
+import results
 import trainer
 from checkpoint import PRETRAINED, CheckpointError, load_checkpoint, model_from_checkpoint, pretrained_path
+from conftest import DATA_DIR
 from data import to_uint8
 from fileio import read_checksums, sha256_file
 from metrics import classifier_outputs, load_classifier
@@ -71,3 +74,18 @@ def test_sampling_copy_samples_like_its_checkpoint_and_cannot_resume(tmp_path, t
     assert exit_.value.code == 2 and "holds only the EMA weights" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="--no_ema needs"):
         model_from_checkpoint(load_checkpoint(str(copy)), use_ema=False)
+
+
+def test_results_table_scores_each_model_beside_the_floor(tmp_path, train_flags):
+    trainer.main(train_flags + ["--experiment_name", "run", "--max_steps", "2", "--epochs", "1"])
+    table = tmp_path / "table.md"
+    flags = ["--model", f"tiny={tmp_path / 'runs' / 'run' / 'last.pth'}", "--num_samples", "20", "--no_inception",
+             "--data_dir", DATA_DIR, "--out", str(tmp_path / "out"), "--table", str(table)]
+    results.main(flags + ["--only", "tiny"])
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["tiny"] and rows[0]["num_samples"] == 20
+    assert rows[0]["network_evaluations"] == 20 and rows[0]["fid_mnist"] > rows[0]["floor"]["fid_mnist"]
+    lines = table.read_text().splitlines()
+    assert lines[-2].startswith("| tiny | dpm_solver, eta 1 | 20 |") and lines[-1].startswith("| real MNIST test |")
+    results.main(flags + ["--only", "none"])  # rewrites the table from the JSON alone
+    assert table.read_text().splitlines() == lines
