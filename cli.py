@@ -86,6 +86,15 @@ def add_speed_args(p: argparse.ArgumentParser, what: str) -> None:
                    help="NHWC weights and activations (cuDNN's tensor-core layout; no gain on the CPUs measured)")
 
 
+def choose(only: str | None, known, what: str) -> list:
+    """The names an --only flag picks from `known`: all when not given, none for "none"."""
+    names = [] if only == "none" else only.split(",") if only else list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    return names
+
+
 def flags_table(parser: argparse.ArgumentParser) -> str:
     """A Markdown table of a parser's flags, defaults and help, in --help's order."""
     rows = ["| flag | default | what |", "|---|---|---|"]

@@ -11,14 +11,13 @@ its date and whether Inception features were computed. On 2 CPU cores sampling 1
 about 4 (unconditional) and 8 (conditional, guided) minutes; Inception features 11 minutes more, and the
 reference statistics the same once.
 """
-import json
 import os
 import time
 
 import eval as eval_script
 from checkpoint import PRETRAINED
-from cli import ArgumentParser, UserError, guarded
-from fileio import write_json, write_text
+from cli import ArgumentParser, UserError, choose, guarded
+from fileio import load_rows, write_json, write_text
 from runtime import cpu_name
 
 METRICS = ("fid_inception", "fid_mnist", "is_mnist_mean", "precision", "recall", "class_accuracy")
@@ -83,15 +82,8 @@ def main(argv=None):
         if not sep or not name or not path:
             raise UserError(f"--model takes NAME=PATH, got {item!r}")
         models[name] = path
-    names = [] if args.only == "none" else args.only.split(",") if args.only else list(models)
-    unknown = [n for n in names if n not in models]
-    if unknown:
-        raise UserError(f"unknown models: {', '.join(unknown)} (known: {', '.join(models)})")
-    rows_path = os.path.splitext(args.table)[0] + ".json"
-    rows = []
-    if os.path.isfile(rows_path):
-        with open(rows_path) as f:
-            rows = json.load(f)["rows"]
+    names = choose(args.only, models, "models")
+    rows_path, rows = load_rows(args.table)
     machine = f"{cpu_name()}, {os.cpu_count()} CPU threads"
     for name in names:
         row = score(name, models[name], args)

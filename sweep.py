@@ -17,8 +17,8 @@ import subprocess
 import sys
 import time
 
-from cli import ArgumentParser, fail
-from fileio import write_json, write_text
+from cli import ArgumentParser, choose, fail, guarded
+from fileio import load_rows, write_json, write_text
 from runtime import cpu_name
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -119,6 +119,7 @@ def write_table(rows, path, machine):
     write_text(path, "\n".join(lines) + "\n")
 
 
+@guarded
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--only", default=None, help="comma-separated candidates (default: all): " + ", ".join(CANDIDATES))
@@ -129,15 +130,8 @@ def main(argv=None):
     p.add_argument("--table", default=os.path.join("docs", "cpu_recipe.md"), help="the Markdown table (+ .json)")
     p.add_argument("--rerun", action="store_true", help="train candidates again that the table already has")
     args = p.parse_args(argv)
-    names = [] if args.only == "none" else args.only.split(",") if args.only else list(CANDIDATES)
-    unknown = [n for n in names if n not in CANDIDATES]
-    if unknown:
-        p.error(f"unknown candidates: {', '.join(unknown)}")
-    rows_path = os.path.splitext(args.table)[0] + ".json"
-    rows = []
-    if os.path.isfile(rows_path):
-        with open(rows_path) as f:
-            rows = json.load(f)["rows"]
+    names = choose(args.only, CANDIDATES, "candidates")
+    rows_path, rows = load_rows(args.table)
     machine = f"{cpu_name()}, {os.cpu_count()} CPU threads"
     for name in names:
         if any(r["candidate"] == name for r in rows) and not args.rerun:
