@@ -69,6 +69,37 @@ def parse_labels(args, loaded) -> torch.Tensor:
     return labels
 
 
+def write_interpolation(sample, ddim, out_dir: str, rows: int, size: int, seed: int, row_labels) -> str:
+    """Each row walks, in ten frames, the sphere between two noise images through the DDIM map with
+    eta 0: deterministic, so the path between the two digits is smooth."""
+    frames = 10
+    g = make_generator(seed, "cpu")
+    a, b = torch.randn((rows, 1, size, size), generator=g), torch.randn((rows, 1, size, size), generator=g)
+    noise = torch.stack([slerp(a[r], b[r], f) for r in range(rows) for f in np.linspace(0, 1, frames)])
+    y = None if row_labels is None else row_labels.repeat(rows)[:rows].repeat_interleave(frames)
+    images = sample(dataclasses.replace(ddim, eta=0.0), count=rows * frames, noise=noise, y=y)
+    path = os.path.join(out_dir, "interpolation.png")
+    utils.save_grid(images, path, nrow=frames)
+    return path
+
+
+def write_comparison(sample, samplers: dict, out_dir: str, nrow: int, device: str) -> list:
+    """DDPM (all T steps) and DDIM from the same noise, side by side, with their wall times."""
+    timings, grids = {}, []
+    for method in ("ddpm", "ddim"):
+        start = time.perf_counter()
+        grids.append(sample(samplers[method]))
+        timings[method] = time.perf_counter() - start
+    path, json_path = os.path.join(out_dir, "comparison.png"), os.path.join(out_dir, "comparison.json")
+    utils.save_comparison(grids, [f"{samplers[m].describe()} ({timings[m]:.1f} s)" for m in ("ddpm", "ddim")],
+                          path, nrow)
+    fileio.write_json(json_path, dict(ddpm_steps=samplers["ddpm"].steps, ddim_steps=samplers["ddim"].steps,
+                                      eta=samplers["ddim"].eta, num_images=len(grids[0]), seconds=timings,
+                                      speedup=timings["ddpm"] / timings["ddim"], device=device))
+    print(f"DDPM {timings['ddpm']:.2f} s, DDIM {timings['ddim']:.2f} s ({timings['ddpm'] / timings['ddim']:.1f}x faster)")
+    return [path, json_path]
+
+
 @guarded
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -115,43 +146,16 @@ def main(argv=None):
             written.append(args.save_npz)
 
     if args.interpolation:
-        rows, frames = min(args.num_samples, 8), 10
-        g = make_generator(args.seed + 1, "cpu")
-        shape = (rows, 1, model.config["image_size"], model.config["image_size"])
-        a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-        noise = torch.stack([slerp(a[r], b[r], f) for r in range(rows) for f in np.linspace(0, 1, frames)])
-        y = None if row_labels is None else row_labels.repeat(rows)[:rows].repeat_interleave(frames)
-        ddim_map = dataclasses.replace(samplers["ddim"], eta=0.0)  # deterministic: the path between noises is smooth
-        images = sample(ddim_map, count=rows * frames, noise=noise, y=y)
-        path = os.path.join(out_dir, "interpolation.png")
-        utils.save_grid(images, path, nrow=frames)
-        written.append(path)
-
+        written.append(write_interpolation(sample, samplers["ddim"], out_dir, min(args.num_samples, 8),
+                                           model.config["image_size"], args.seed + 1, row_labels))
     if args.comparison:
-        timings, grids = {}, []
-        for method in ("ddpm", "ddim"):
-            start = time.perf_counter()
-            grids.append(sample(samplers[method]))
-            timings[method] = time.perf_counter() - start
-        path = os.path.join(out_dir, "comparison.png")
-        utils.save_comparison(grids, [f"{samplers[m].describe()} ({timings[m]:.1f} s)" for m in ("ddpm", "ddim")],
-                              path, nrow)
-        fileio.write_json(os.path.join(out_dir, "comparison.json"),
-                          dict(ddpm_steps=samplers["ddpm"].steps, ddim_steps=samplers["ddim"].steps,
-                               eta=samplers["ddim"].eta, num_images=n, seconds=timings,
-                               speedup=timings["ddpm"] / timings["ddim"], device=str(loaded.device)))
-        print(f"DDPM {timings['ddpm']:.2f} s, DDIM {timings['ddim']:.2f} s "
-              f"({timings['ddpm'] / timings['ddim']:.1f}x faster)")
-        written += [path, os.path.join(out_dir, "comparison.json")]
-
+        written += write_comparison(sample, samplers, out_dir, nrow, str(loaded.device))
     if args.denoising_process:
         rows = min(n, 4)
         y = None if labels is None else labels[:: max(n // rows, 1)][:rows]
         _, trajectory = sample(samplers[methods[0]], count=rows, y=y, return_intermediates=True)
-        path = os.path.join(out_dir, "denoising_process.png")
-        utils.plot_denoising_process(trajectory, path)
-        written.append(path)
-
+        written.append(os.path.join(out_dir, "denoising_process.png"))
+        utils.plot_denoising_process(trajectory, written[-1])
     print("wrote:\n  " + "\n  ".join(written))
     return written
 

@@ -299,9 +299,42 @@ class Trainer:
         self.clock = self.stop.check(self.step, self.training_seconds())
         return self.stop.reason is not None
 
+    def run_epoch(self, writer, interactive: bool) -> float | None:
+        """Train to the end of the epoch, or to a stop; returns the last images/s read (None: no read)."""
+        from tqdm.auto import tqdm
+        a = self.args
+        if self.step_in_epoch == 0:
+            self.epoch_start_state = self.data_gen.get_state()
+        self.data_gen.set_state(self.epoch_start_state)
+        order = torch.randperm(len(self.images), generator=self.data_gen).to(self.device)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not interactive,
+                   desc=f"epoch {self.epoch + 1}/{a.epochs}", dynamic_ncols=True)
+        new_window = lambda: {"loss": torch.zeros((), device=self.device), "steps": 0, "t": time.perf_counter()}
+        window, images_per_sec = new_window(), None
+        while self.step_in_epoch < self.steps_per_epoch:
+            i = self.step_in_epoch
+            loss, grad_norm = self.train_step(order[i * a.batch_size:(i + 1) * a.batch_size])
+            window["loss"] += loss
+            window["steps"] += 1
+            self.step += 1
+            self.step_in_epoch += 1
+            bar.update()
+            stopping = self.out_of_budget()
+            save_due = (a.save_every_minutes > 0 and not stopping
+                        and self.clock - self.saved_clock >= 60 * a.save_every_minutes)
+            if (self.step % a.log_every == 0 or stopping or save_due
+                    or self.step_in_epoch == self.steps_per_epoch):  # checks the loss before any save
+                images_per_sec = self.log(writer, window, grad_norm, bar, interactive)
+                window = new_window()
+            if save_due:
+                self.checkpoint()
+            if stopping:
+                break
+        bar.close()
+        return images_per_sec
+
     def train(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
 
         a = self.args
         writer, out = None, None
@@ -314,39 +347,13 @@ class Trainer:
         handlers = {s: signal.signal(s, self.stop.request) for s in (signal.SIGINT, signal.SIGTERM)}
         interactive = sys.stdout.isatty() and self.is_main
         self.session_start = time.perf_counter()
-        new_window = lambda: {"loss": torch.zeros((), device=self.device), "steps": 0, "t": time.perf_counter()}
-        window, images_per_sec, first_step = new_window(), None, self.step
+        images_per_sec, first_step = None, self.step
         try:
             if self.out_of_budget():
                 print(f"nothing to train: the run is at step {self.step} ({self.stop.reason})", flush=True)
                 return None
             while self.epoch < a.epochs and not self.out_of_budget():  # a stop during an epoch's evaluation too
-                if self.step_in_epoch == 0:
-                    self.epoch_start_state = self.data_gen.get_state()
-                self.data_gen.set_state(self.epoch_start_state)
-                order = torch.randperm(len(self.images), generator=self.data_gen).to(self.device)
-                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not interactive,
-                           desc=f"epoch {self.epoch + 1}/{a.epochs}", dynamic_ncols=True)
-                while self.step_in_epoch < self.steps_per_epoch:
-                    i = self.step_in_epoch
-                    loss, grad_norm = self.train_step(order[i * a.batch_size:(i + 1) * a.batch_size])
-                    window["loss"] += loss
-                    window["steps"] += 1
-                    self.step += 1
-                    self.step_in_epoch += 1
-                    bar.update()
-                    stopping = self.out_of_budget()
-                    save_due = (a.save_every_minutes > 0 and not stopping
-                                and self.clock - self.saved_clock >= 60 * a.save_every_minutes)
-                    if (self.step % a.log_every == 0 or stopping or save_due
-                            or self.step_in_epoch == self.steps_per_epoch):  # checks the loss before any save
-                        images_per_sec = self.log(writer, window, grad_norm, bar, interactive)
-                        window = new_window()
-                    if save_due:
-                        self.checkpoint()
-                    if stopping:
-                        break
-                bar.close()
+                images_per_sec = self.run_epoch(writer, interactive) or images_per_sec
                 finished_epoch = self.step_in_epoch == self.steps_per_epoch
                 if finished_epoch:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0

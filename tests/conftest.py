@@ -22,11 +22,12 @@ def linked_data_dir(root: str) -> str:
 _session_root = tempfile.mkdtemp(prefix="ddpm-tests-")
 atexit.register(shutil.rmtree, _session_root, ignore_errors=True)
 DATA_DIR = linked_data_dir(_session_root)  # shared by the whole session, so its cache is computed once
-# A model small enough to train a few steps in a second on the CPU.
+# A model small enough to train a few steps in a second on the CPU: as train.py flags, and as UNet arguments.
 TINY_FLAGS = ["--model_channels", "8", "--channel_mult", "1,2", "--num_res_blocks", "1",
               "--attention_resolutions", "14", "--batch_size", "16", "--eval_samples", "20",
               "--sample_steps", "2", "--log_every", "2", "--data_dir", DATA_DIR, "--warmup_steps", "2",
               "--lr", "1e-3"]
+TINY_MODEL = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(14,), dropout=0.0)
 
 
 @pytest.fixture

@@ -11,12 +11,10 @@ import eval as eval_script
 import inference
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from conditional_ddpm import ConditionalUNet
-from conftest import DATA_DIR
+from conftest import DATA_DIR, TINY_MODEL
 from ddpm_model import GaussianDiffusion, UNet
 from runtime import amp_dtype, cpu_has_native_bf16
 from sampling import Sampler, generate
-
-TINY = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(14,), dropout=0.0)
 
 
 def grid_size(rows, cols):
@@ -30,7 +28,7 @@ def checkpoints(tmp_path_factory):
     paths = {}
     for conditional in (False, True):
         torch.manual_seed(0)
-        model = ConditionalUNet(num_classes=10, **TINY) if conditional else UNet(**TINY)
+        model = ConditionalUNet(num_classes=10, **TINY_MODEL) if conditional else UNet(**TINY_MODEL)
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.1)
         exp = root / ("cond" if conditional else "uncond")
