@@ -29,15 +29,15 @@ def test_shipped_model_is_the_checksummed_sampling_copy(kind):
 
 @pytest.mark.parametrize("kind", sorted(PRETRAINED))
 def test_shipped_model_draws_digits(kind):
-    """Twenty samples in 10 SDE-DPM-Solver++ steps: the MNIST classifier reads nearly all of them with
-    confidence, and reads the conditional model's as the digits asked for."""
+    """Forty samples in 10 SDE-DPM-Solver++ steps: the MNIST classifier reads nearly all of them as a
+    digit with confidence above one half, and the conditional model's as the digits asked for."""
     model, diffusion = model_from_checkpoint(load_checkpoint(pretrained_path(kind)))
-    labels = torch.arange(20) % 10 if kind == "conditional" else None
-    images = to_uint8(generate(model, diffusion, 20, Sampler("dpm_solver", 10, 1.0, 1.0), labels=labels, seed=0))
+    labels = torch.arange(40) % 10 if kind == "conditional" else None
+    images = to_uint8(generate(model, diffusion, 40, Sampler("dpm_solver", 10, 1.0, 1.0), labels=labels, seed=0))
     _, probs = classifier_outputs(load_classifier(), images)
-    assert (probs.max(axis=1) > 0.9).mean() >= 0.8
+    assert (probs.max(axis=1) > 0.5).mean() >= 0.85
     if labels is not None:
-        assert (probs.argmax(axis=1) == labels.numpy()).mean() >= 0.9
+        assert (probs.argmax(axis=1) == labels.numpy()).mean() >= 0.95
 
 
 def test_a_damaged_shipped_file_is_refused(tmp_path, monkeypatch):
