@@ -246,5 +246,5 @@ def test_cpu_preset_sets_the_swept_recipe_and_flags_override_it():
     preset = config.PRESETS["cpu"]
     assert args.lr == 5e-4  # given on the command line: it wins
     assert args.time_budget == preset["time_budget"] and args.min_snr_gamma == preset["min_snr_gamma"] > 0
-    assert args.channel_mult == [int(v) for v in preset["channel_mult"].split(",")]
+    assert args.channel_mult == preset["channel_mult"] == (1, 2, 2)  # typed, as the preset holds it
     assert trainer.parse_args([], conditional=False).time_budget is None  # no preset: the documented defaults
