@@ -113,9 +113,9 @@ def load_model(args, methods, want_conditional: bool = False) -> Loaded:
         steps = args.steps if method != "ddpm" or args.method == "ddpm" else None
         samplers[method] = make_sampler(method, diffusion.timesteps, steps, args.eta, guidance)
     device = pick_device(args.device)
-    batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    batch_size = args.batch_size if args.batch_size is not None else 256 if device.type == "cuda" else 64
     amp_dtype(device, args.amp)  # --amp fp16 off CUDA fails here, before any work
     return Loaded(ckpt, model, diffusion, path, output_root, device, batch_size, samplers)
 
