@@ -6,6 +6,7 @@ on --epochs, --max_steps, --time_budget, SIGINT or SIGTERM, and --resume continu
 """
 import copy
 import datetime
+import gc
 import json
 import math
 import os
@@ -475,6 +476,8 @@ def main(argv=None, conditional: bool = False) -> dict:
                   f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
                   f"{trainer.steps_per_epoch} steps/epoch)", flush=True)
         summary = trainer.train()
+        if world > 1:
+            dist.barrier()  # every rank reaches the teardown together
     except (FloatingPointError, fileio.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -483,7 +486,11 @@ def main(argv=None, conditional: bool = False) -> dict:
         sys.exit(130)
     finally:
         if dist.is_initialized():
+            # DDP holds the process group: release it first, so that gloo's threads are joined now rather than
+            # at interpreter exit, where a rank can abort ("terminate called without an active exception").
+            trainer = None
+            gc.collect()  # the trainer's stop policy refers back to it: a cycle that only the collector frees
             dist.destroy_process_group()
-    if trainer.is_main and summary is not None:
+    if rank == 0 and summary is not None:
         print(json.dumps(summary, indent=2))
     return summary
