@@ -15,7 +15,6 @@ Warm-up first, then the median of --repeats timings.
 import os
 import resource
 import statistics
-import tempfile
 import time
 
 import torch
@@ -23,8 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import config
 import trainer as training
-from cli import ArgumentParser, add_speed_args
+from cli import ArgumentParser, add_speed_args, choose, guarded, replaced
 from ddpm_model import GaussianDiffusion
+from fileio import write_json
 from runtime import amp_dtype, pick_device
 
 
@@ -68,15 +68,15 @@ def peak_memory_mb(device) -> float:
 def bench_ours(flags, device, args, image_size=28):
     """Build the trainer exactly as train.py would and time its train_step (noise, forward, loss,
     backward, AdamW, EMA) on one global batch."""
-    with tempfile.TemporaryDirectory() as tmp:
-        targs = config.parse_args(flags + ["--device", str(device), "--output_dir", tmp, "--batch_size",
-                                             str(args.batch_size), "--image_size", str(image_size)], conditional=False)
-        if image_size != 28:  # keep attention at the same level: 14x14 at 28 is 16x16 at 32
-            sizes = {28: 28, 14: image_size // 2, 7: image_size // 4, 4: image_size // 8}
-            targs.attention_resolutions = [sizes[r] for r in targs.attention_resolutions]
-        noise_digits = (torch.randint(0, 256, (args.batch_size, 28, 28), dtype=torch.uint8),
-                        torch.zeros(args.batch_size, dtype=torch.long))  # the step's cost does not depend on them
-        tr = training.Trainer(targs, False, os.path.join(tmp, "bench"), noise_digits)
+    flags = flags + ["--device", str(device), "--batch_size", str(args.batch_size), "--image_size", str(image_size)]
+    if image_size != 28:  # keep attention at the same level: 14x14 at 28 is 16x16 at 32
+        sizes = {28: 28, 14: image_size // 2, 7: image_size // 4, 4: image_size // 8}
+        at_28 = config.parse_args(flags, conditional=False)[0].attention_resolutions
+        flags += ["--attention_resolutions", ",".join(str(sizes[r]) for r in at_28)]
+    targs, _ = config.parse_args(flags, conditional=False)
+    noise_digits = (torch.randint(0, 256, (args.batch_size, 28, 28), dtype=torch.uint8),
+                    torch.zeros(args.batch_size, dtype=torch.long))  # the step's cost does not depend on them
+    tr = training.Trainer(targs, False, exp_dir=None, data=noise_digits)  # writes nothing
     idx = torch.arange(args.batch_size, device=device)
     step_time = median_time(lambda: tr.train_step(idx), device, args.repeats)
     return tr.model, tr.ema, step_time, tr.autocast
@@ -145,7 +145,7 @@ def bench_diffusers(config, device, args, autocast):
     return model, net, median_time(step, device, args.repeats)
 
 
-def main(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=None, help="default: 128 on CUDA, 32 on the CPU")
@@ -155,53 +155,40 @@ def main(argv=None):
     p.add_argument("--compare", choices=["diffusers"], default=None)
     add_speed_args(p, "our network (as train.py --compile)")
     p.add_argument("--json", default=None, metavar="PATH")
-    args = p.parse_args(argv)
-    device = pick_device(args.device)
+    return p
+
+
+def speed_row(name, model, size, flops, step_time, call_time, args, peak, note="", overhead=None) -> dict:
+    """One table row: throughput from the measured step and network-call times."""
+    nfe_per_s = args.sample_batch / call_time
+    train_flops = 3 * flops * args.batch_size / step_time  # backward costs about twice the forward
+    return dict(model=name, image_size=size, params=sum(p.numel() for p in model.parameters()),
+                gflop_per_image=flops / 1e9, train_images_per_s=args.batch_size / step_time,
+                sampling_nfe_per_s=nfe_per_s, ddpm_1000_images_per_s=nfe_per_s / 1000,
+                ddim_50_images_per_s=nfe_per_s / 50, dpm_solver_20_images_per_s=nfe_per_s / 20,
+                train_tflop_per_s=train_flops / 1e12, train_fraction_of_matmul_peak=train_flops / peak, note=note,
+                sampler_loop_overhead=overhead)
+
+
+def bench_model(name, flags, size, device, args, peak) -> list:
+    """Our network of one --models entry at one image size, and diffusers' beside it when compared."""
+    model, ema, step_time, autocast = bench_ours(flags, device, args, size)
+    x1, t1 = torch.randn(1, 1, size, size, device=device), torch.tensor([500], device=device)
+    sampler_net = torch.compile(ema, mode=args.compile) if args.compile else ema
+    call = sampling_call_time(sampler_net, device, args.sample_batch, size, args.repeats, autocast)
+    rows = [speed_row(f"ours/{name}", model, size, forward_flops(model, x1, t1), step_time, call, args, peak,
+                      overhead=sampler_overhead(sampler_net, device, args.sample_batch, size, call, autocast))]
+    if args.compare and size == 32:
+        dmodel, dnet, dstep = bench_diffusers(model.config, device, args, autocast)
+        dcall = sampling_call_time(dnet, device, args.sample_batch, 32, args.repeats, autocast)
+        eager = lambda x, t: dmodel(x, t).sample  # FLOPs are counted outside torch.compile
+        rows.append(speed_row("diffusers/UNet2DModel", dmodel, 32, forward_flops(eager, x1, t1), dstep, dcall, args,
+                              peak, note="needs 32x32; ours runs 28x28 natively"))
+    return rows
+
+
+def print_table(rows, device, dtype, args, peak) -> None:
     cuda = device.type == "cuda"
-    args.batch_size = args.batch_size or (128 if cuda else 32)
-    args.sample_batch = args.sample_batch or (256 if cuda else 64)
-    if not cuda:
-        torch.backends.mkldnn.enabled = True
-    dtype = amp_dtype(device, args.amp) or torch.float32
-    peak = matmul_peak(device, dtype, args.repeats)
-    extra = (["--amp", args.amp] + (["--compile", args.compile] if args.compile else [])
-             + (["--channels_last"] if args.channels_last else []))
-    flags = {"default": extra, "cpu_preset": ["--preset", "cpu"] + extra}
-    rows = []
-
-    def record(name, model, step_time, call_time, size, flops, note="", overhead=None):
-        nfe_per_s = args.sample_batch / call_time
-        row = dict(model=name, image_size=size, params=sum(p.numel() for p in model.parameters()),
-                   gflop_per_image=flops / 1e9, train_images_per_s=args.batch_size / step_time,
-                   sampling_nfe_per_s=nfe_per_s, ddpm_1000_images_per_s=nfe_per_s / 1000,
-                   ddim_50_images_per_s=nfe_per_s / 50, dpm_solver_20_images_per_s=nfe_per_s / 20,
-                   train_tflop_per_s=3 * flops * args.batch_size / step_time / 1e12, note=note,
-                   sampler_loop_overhead=overhead)
-        row["train_fraction_of_matmul_peak"] = row["train_tflop_per_s"] * 1e12 / peak
-        rows.append(row)
-        print(f"  {name}: {row['train_images_per_s']:.1f} train img/s, {nfe_per_s:.1f} sampling NFE/s", flush=True)
-
-    for name in args.models.split(","):
-        sizes = [28, 32] if args.compare and name == "default" else [28]
-        for size in sizes:
-            model, ema, step_time, autocast = bench_ours(flags[name], device, args, size)
-            x1, t1 = torch.randn(1, 1, size, size, device=device), torch.tensor([500], device=device)
-            sampler_net = torch.compile(ema, mode=args.compile) if args.compile else ema
-            call = sampling_call_time(sampler_net, device, args.sample_batch, size, args.repeats, autocast)
-            record(f"ours/{name}", model, step_time, call, size, forward_flops(model, x1, t1),
-                   overhead=sampler_overhead(sampler_net, device, args.sample_batch, size, call, autocast))
-            if args.compare and name == "default" and size == 32:
-                dmodel, dnet, dstep = bench_diffusers(model.config, device, args, autocast)
-                dcall = sampling_call_time(dnet, device, args.sample_batch, 32, args.repeats, autocast)
-                eager = lambda x, t: dmodel(x, t).sample  # FLOPs are counted outside torch.compile
-                record("diffusers/UNet2DModel", dmodel, dstep, dcall, 32, forward_flops(eager, x1, t1),
-                       note="needs 32x32; ours runs 28x28 natively")
-                for ours_size in (28, 32):
-                    ours = next(r for r in rows if r["model"] == "ours/default" and r["image_size"] == ours_size)
-                    train, sample = (ours[k] / rows[-1][k] for k in ("train_images_per_s", "sampling_nfe_per_s"))
-                    print(f"  ours@{ours_size} / diffusers@32: training {train:.2f}x, sampling {sample:.2f}x")
-            del model, ema
-
     print(f"\n{device} ({torch.cuda.get_device_name(device) if cuda else os.cpu_count()} {'GPU' if cuda else 'CPU threads'}), "
           f"torch {torch.__version__}, batch {args.batch_size} (train) / {args.sample_batch} (sampling), "
           f"{str(dtype)[6:]} matmul peak {peak / 1e12:.2f} TFLOP/s, peak memory {peak_memory_mb(device):.0f} MiB")
@@ -214,8 +201,36 @@ def main(argv=None):
               f"{r['ddim_50_images_per_s']:.2f} | {r['dpm_solver_20_images_per_s']:.2f} | "
               f"{100 * r['train_fraction_of_matmul_peak']:.0f}% | "
               f"{'n/a' if r['sampler_loop_overhead'] is None else format(r['sampler_loop_overhead'], '.2f')} |")
+    if args.compare:
+        theirs = next(r for r in rows if r["model"].startswith("diffusers"))
+        for ours in (r for r in rows if r["model"] == "ours/default"):
+            train, sample = (ours[k] / theirs[k] for k in ("train_images_per_s", "sampling_nfe_per_s"))
+            print(f"ours@{ours['image_size']} / diffusers@32: training {train:.2f}x, sampling {sample:.2f}x")
+
+
+@guarded
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
+    args = replaced(args, batch_size=args.batch_size or (128 if cuda else 32),
+                    sample_batch=args.sample_batch or (256 if cuda else 64))
+    if not cuda:
+        torch.backends.mkldnn.enabled = True
+    extra = (["--amp", args.amp] + (["--compile", args.compile] if args.compile else [])
+             + (["--channels_last"] if args.channels_last else []))
+    flags = {"default": extra, "cpu_preset": ["--preset", "cpu"] + extra}
+    names = choose(args.models, flags, "models")
+    dtype = amp_dtype(device, args.amp) or torch.float32
+    peak = matmul_peak(device, dtype, args.repeats)
+    rows = []
+    for name in names:
+        for size in [28, 32] if args.compare and name == "default" else [28]:
+            rows += bench_model(name, flags[name], size, device, args, peak)
+            print(f"  {rows[-1]['model']}: {rows[-1]['train_images_per_s']:.1f} train img/s, "
+                  f"{rows[-1]['sampling_nfe_per_s']:.1f} sampling NFE/s", flush=True)
+    print_table(rows, device, dtype, args, peak)
     if args.json:
-        from fileio import write_json
         write_json(args.json, dict(device=str(device), torch=torch.__version__, amp=args.amp, compile=args.compile,
                                    channels_last=args.channels_last, batch_size=args.batch_size,
                                    sample_batch=args.sample_batch, matmul_peak_flops=peak,

@@ -52,6 +52,11 @@ def guarded(main):
     return wrapper
 
 
+def replaced(args: argparse.Namespace, **changes) -> argparse.Namespace:
+    """A copy of `args` with some values changed: parsed flags are never modified in place."""
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
 def check_output_dir(path: str, flag: str, create: bool = False) -> None:
     """Refuse, before any work, a folder to write into that is a file or cannot be made."""
     if os.path.exists(path) and not os.path.isdir(path):

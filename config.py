@@ -113,21 +113,24 @@ def build_parser(conditional: bool) -> argparse.ArgumentParser:
 def given_flags(parser: argparse.ArgumentParser, argv) -> set:
     """The destinations of the flags on the command line itself (not defaults, not the preset's)."""
     bare = copy.deepcopy(parser)
+    bare._defaults.clear()  # the preset's values, which set_defaults keeps apart from the actions'
     for action in bare._actions:
         action.default = argparse.SUPPRESS
     return set(vars(bare.parse_args(argv)))
 
 
-def parse_args(argv, conditional: bool) -> argparse.Namespace:
+def parse_args(argv, conditional: bool) -> tuple[argparse.Namespace, set]:
+    """The checked flags (the preset's values as defaults), and the names of those typed on the command
+    line: a resumed run keeps its checkpoint's values for all others."""
     parser = build_parser(conditional)
     argv = sys.argv[1:] if argv is None else list(argv)
     preset = parser.parse_known_args(argv)[0].preset
     if preset:
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
-    args.given = given_flags(parser, argv)
+    given = given_flags(parser, argv)
     if args.resume:
-        refused = sorted(args.given - set(RESUME_OVERRIDES) - {"resume"})
+        refused = sorted(given - set(RESUME_OVERRIDES) - {"resume"})
         if refused:
             parser.error(f"a resumed run keeps the configuration of its checkpoint; {' '.join('--' + n for n in refused)} "
                          f"cannot change (what may: {' '.join('--' + n for n in RESUME_OVERRIDES)})")
@@ -164,7 +167,7 @@ def parse_args(argv, conditional: bool) -> argparse.Namespace:
         parser.error(f"--num_classes must be at least {MNIST_CLASSES}: MNIST has labels 0-9, got {args.num_classes}")
     if conditional and not 0 <= args.p_uncond <= 1:
         parser.error(f"--p_uncond must be in [0, 1], got {args.p_uncond}")
-    return args
+    return args, given
 
 
 def values(args, config_class) -> dict:

@@ -63,8 +63,7 @@ def write_table(rows: list, path: str, machine: str) -> None:
     write_text(path, "\n".join(lines) + "\n")
 
 
-@guarded
-def main(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                    help="a checkpoint to score besides the shipped models (repeatable)")
@@ -75,7 +74,12 @@ def main(argv=None):
     p.add_argument("--data_dir", default="./data")
     p.add_argument("--out", default=os.path.join("outputs", "results"), help="where eval.py's reports go")
     p.add_argument("--table", default=os.path.join("docs", "results_10k.md"), help="the Markdown table (+ .json)")
-    args = p.parse_args(argv)
+    return p
+
+
+@guarded
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     models = {f"shipped_{kind}": f"pretrained:{kind}" for kind in sorted(PRETRAINED, reverse=True)}
     for item in args.model:
         name, sep, path = item.partition("=")

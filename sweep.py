@@ -119,8 +119,7 @@ def write_table(rows, path, machine):
     write_text(path, "\n".join(lines) + "\n")
 
 
-@guarded
-def main(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--only", default=None, help="comma-separated candidates (default: all): " + ", ".join(CANDIDATES))
     p.add_argument("--minutes", type=float, default=9.5, help="training budget of each candidate")
@@ -129,7 +128,12 @@ def main(argv=None):
     p.add_argument("--data_dir", default="./data")
     p.add_argument("--table", default=os.path.join("docs", "cpu_recipe.md"), help="the Markdown table (+ .json)")
     p.add_argument("--rerun", action="store_true", help="train candidates again that the table already has")
-    args = p.parse_args(argv)
+    return p
+
+
+@guarded
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     names = choose(args.only, CANDIDATES, "candidates")
     rows_path, rows = load_rows(args.table)
     machine = f"{cpu_name()}, {os.cpu_count()} CPU threads"

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 import fileio
 from artefacts import RunArtefacts
 from checkpoint import build_model, load_checkpoint, save_checkpoint
-from cli import UserError, check_output_dir, fail
+from cli import UserError, check_output_dir, fail, replaced
 from conditional_ddpm import drop_labels
 from config import PRESETS, model_config, parse_args, values
 from data import load_mnist, to_model_range
@@ -98,12 +98,14 @@ class StopPolicy:
 
 
 class Trainer:
-    def __init__(self, args, conditional: bool, exp_dir: str, data: tuple, evaluator=None, ckpt=None, rank: int = 0,
-                 world: int = 1, local_rank: int = 0):
-        """`data`: (uint8 images [N, 28, 28], labels [N]) to train on; `evaluator`: the metrics.Evaluator
-        of the run's evaluations (None: none); `ckpt`: a checkpoint to resume."""
+    def __init__(self, args, conditional: bool, exp_dir: str | None, data: tuple, evaluator=None, ckpt=None,
+                 rank: int = 0, world: int = 1, local_rank: int = 0):
+        """`exp_dir`: where the run writes (None: nowhere, for a trainer that is only stepped); `data`: (uint8
+        images [N, 28, 28], labels [N]) to train on; `evaluator`: the metrics.Evaluator of the run's
+        evaluations (None: none); `ckpt`: a checkpoint to resume."""
         self.args, self.conditional, self.exp_dir, self.evaluator = args, conditional, exp_dir, evaluator
         self.rank, self.world, self.is_main = rank, world, rank == 0
+        self.record = run_record(args, conditional, world)  # saved with every checkpoint
         if args.batch_size % world:
             raise UserError(f"--batch_size {args.batch_size} (the global batch) must divide among {world} processes")
         self.device = pick_device(args.device)
@@ -199,7 +201,7 @@ class Trainer:
     def save(self, name: str) -> str:
         path = os.path.join(self.exp_dir, name)
         save_checkpoint(path, self.model, self.ema, self.diffusion, self.step, self.epoch, self.train_state(),
-                        config=self.args.saved_config)
+                        config=self.record)
         return path
 
     def checkpoint(self) -> None:
@@ -344,7 +346,7 @@ class Trainer:
             out = RunArtefacts(a, self.exp_dir, self.ema, self.diffusion, self.sampler, self.evaluator, writer,
                                self.device, self.pad)
             if self.step == 0:
-                writer.add_text("config", "```\n" + json.dumps(a.saved_config, indent=2) + "\n```")
+                writer.add_text("config", "```\n" + json.dumps(self.record, indent=2) + "\n```")
         handlers = {s: signal.signal(s, self.stop.request) for s in (signal.SIGINT, signal.SIGTERM)}
         interactive = sys.stdout.isatty() and self.is_main
         self.session_start = time.perf_counter()
@@ -372,7 +374,7 @@ class Trainer:
             if self.is_main:
                 fileio.write_json(os.path.join(self.exp_dir, "summary.json"), summary)
                 if self.last_metrics:
-                    out.log_hparams(a.saved_config["args"], self.last_metrics)
+                    out.log_hparams(self.record["args"], self.last_metrics)
                 if self.stop.reason in ("SIGINT", "SIGTERM"):
                     print(f"stopped by {self.stop.reason}; resume with --resume {os.path.join(self.exp_dir, 'last.pth')}")
             return summary
@@ -414,49 +416,51 @@ def prepare_new_run_dir(exp_dir: str) -> None:
         raise UserError(f"cannot create {exp_dir}: {e.strerror}") from None
 
 
-def setup(args, conditional: bool, world: int = 1, check_new: bool = True):
-    """Resolve the experiment directory and configuration; refuse to overwrite an existing run."""
+def setup(args, given: set, conditional: bool, world: int = 1, check_new: bool = True):
+    """The run's arguments, directory and checkpoint to resume (None for a new run). A resumed run takes
+    its checkpoint's values but for the flags `given`; a new one refuses to overwrite an existing run."""
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, conditional=conditional, training=True)
-        for name, value in ckpt["config"]["args"].items():
-            if name in vars(args) and name != "resume" and name not in args.given:
-                setattr(args, name, value)
+        saved = {k: v for k, v in ckpt["config"]["args"].items() if k in vars(args) and k != "resume" and k not in given}
+        args = replaced(args, **saved)
         exp_dir = os.path.dirname(os.path.abspath(args.resume))
         fileio.remove_stale_temporaries(exp_dir)
     else:
         kind = "conditional" if conditional else "ddpm"
-        args.experiment_name = args.experiment_name or f"{kind}_{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        args = replaced(args, experiment_name=args.experiment_name or f"{kind}_{datetime.datetime.now():%Y%m%d-%H%M%S}")
         exp_dir = os.path.join(args.output_dir, args.experiment_name)
         if check_new:
             prepare_new_run_dir(exp_dir)
-    args.data_dir = os.path.abspath(args.data_dir)  # a resumed run may start from another folder
-    run_args = {k: v for k, v in vars(args).items() if k != "given"}
-    args.saved_config = dict(args=run_args, preset=PRESETS.get(args.preset), conditional=conditional,
-                             world_size=world, torch=torch.__version__,
-                             torchvision=__import__("torchvision").__version__, git_commit=git_commit(),
-                             command=" ".join(sys.argv))
-    return exp_dir, ckpt
+    return replaced(args, data_dir=os.path.abspath(args.data_dir)), exp_dir, ckpt  # resumable from another folder
+
+
+def run_record(args, conditional: bool, world: int) -> dict:
+    """The configuration a run saves in config.json and in every checkpoint."""
+    return dict(args=dict(vars(args)), preset=PRESETS.get(args.preset), conditional=conditional, world_size=world,
+                torch=torch.__version__, torchvision=__import__("torchvision").__version__, git_commit=git_commit(),
+                command=" ".join(sys.argv))
 
 
 def main(argv=None, conditional: bool = False) -> dict:
     """Train; under torchrun every process runs this, and rank 0 alone writes the experiment directory."""
-    args = parse_args(argv, conditional)
+    args, given = parse_args(argv, conditional)
     rank, world, local_rank = init_distributed()
     exp_dir = None
     try:
         error = None
         try:
             if rank == 0:
-                exp_dir, ckpt = setup(args, conditional, world)
+                args, exp_dir, ckpt = setup(args, given, conditional, world)
         except UserError as e:
             error = str(e)
         if world > 1:  # one decision for all: rank 0's error or experiment name
             shared = [error, args.experiment_name]
             dist.broadcast_object_list(shared, src=0)
-            error, args.experiment_name = shared
+            error = shared[0]
             if rank > 0 and error is None:
-                exp_dir, ckpt = setup(args, conditional, world, check_new=False)
+                args, exp_dir, ckpt = setup(replaced(args, experiment_name=shared[1]), given, conditional, world,
+                                            check_new=False)
         if error is not None:
             raise UserError(error)
         device = pick_device(args.device)
@@ -465,7 +469,7 @@ def main(argv=None, conditional: bool = False) -> dict:
         evaluator = Evaluator(args.data_dir, inception=False, device=device, train_images=data[0]) if rank == 0 else None
         trainer = Trainer(args, conditional, exp_dir, data, evaluator, ckpt, rank, world, local_rank)
         if trainer.is_main:
-            fileio.write_json(os.path.join(exp_dir, "config.json"), args.saved_config)  # once the run can start
+            fileio.write_json(os.path.join(exp_dir, "config.json"), trainer.record)  # once the run can start
     except (UserError, fileio.WriteError) as e:
         if rank == 0 and not args.resume and exp_dir and os.path.isdir(exp_dir) and not os.listdir(exp_dir):
             os.rmdir(exp_dir)  # nothing written when a run cannot start

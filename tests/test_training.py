@@ -104,8 +104,9 @@ def test_speed_flags_keep_the_training_step(train_flags):
     results = {}
     for name, flags in (("plain", ["--amp", "none"]), ("nhwc", ["--channels_last", "--amp", "none"]),
                         ("bf16", ["--amp", "bf16"])):
-        args = trainer.parse_args(train_flags + ["--experiment_name", name] + flags, conditional=False)
-        tr = trainer.Trainer(args, False, trainer.setup(args, False)[0], load_mnist(DATA_DIR))
+        args, exp_dir, _ = trainer.setup(*trainer.parse_args(train_flags + ["--experiment_name", name] + flags,
+                                                             conditional=False), conditional=False)
+        tr = trainer.Trainer(args, False, exp_dir, load_mnist(DATA_DIR))
         out_conv = tr.model.out[-1].weight
         assert out_conv.is_contiguous(memory_format=torch.channels_last) == (name == "nhwc")
         tr.train_step(torch.arange(16))
@@ -220,9 +221,9 @@ def test_padded_image_size(train_flags, tmp_path):
 
 def test_lr_schedule_ends_with_the_time_budget(train_flags):
     """Warm-up by steps, then a cosine over the budget when --time_budget ends the run before the epochs do."""
-    args = trainer.parse_args(train_flags + ["--experiment_name", "lr", "--time_budget", "10", "--warmup_steps", "2"],
-                              conditional=False)
-    tr = trainer.Trainer(args, False, trainer.setup(args, False)[0], load_mnist(DATA_DIR))
+    flags = train_flags + ["--experiment_name", "lr", "--time_budget", "10", "--warmup_steps", "2"]
+    args, exp_dir, _ = trainer.setup(*trainer.parse_args(flags, conditional=False), conditional=False)
+    tr = trainer.Trainer(args, False, exp_dir, load_mnist(DATA_DIR))
     tr.step = 1
     assert tr.lr_factor() == pytest.approx(1.0)  # (1 + 1) / 2: the end of the warm-up
     tr.step = 10  # far from the end of the 100 epochs: the clock decides
@@ -242,9 +243,26 @@ def test_budgeted_run_stops_near_zero_lr(train_flags, tmp_path):
 
 
 def test_cpu_preset_sets_the_swept_recipe_and_flags_override_it():
-    args = trainer.parse_args(["--preset", "cpu", "--lr", "5e-4"], conditional=True)
+    args, given = trainer.parse_args(["--preset", "cpu", "--lr", "5e-4"], conditional=True)
+    assert given == {"preset", "lr"}
     preset = config.PRESETS["cpu"]
     assert args.lr == 5e-4  # given on the command line: it wins
     assert args.time_budget == preset["time_budget"] and args.min_snr_gamma == preset["min_snr_gamma"] > 0
     assert args.channel_mult == preset["channel_mult"] == (1, 2, 2)  # typed, as the preset holds it
-    assert trainer.parse_args([], conditional=False).time_budget is None  # no preset: the documented defaults
+    assert trainer.parse_args([], conditional=False)[0].time_budget is None  # no preset: the documented defaults
+
+
+@pytest.mark.slow
+def test_bench_times_the_preset_trainer_without_data(tmp_path):
+    """bench.py builds the trainer train.py would build (the preset's exact network) and writes nothing but
+    its report; the sampler columns follow from the measured network calls per second."""
+    import bench
+    from checkpoint import build_model
+    bench.main(["--models", "cpu_preset", "--repeats", "1", "--device", "cpu", "--json", str(tmp_path / "b.json")])
+    with open(tmp_path / "b.json") as f:
+        (row,) = json.load(f)["rows"]
+    preset_args, _ = config.parse_args(["--preset", "cpu"], conditional=False)
+    assert row["params"] == sum(p.numel() for p in build_model(config.model_config(preset_args), False).parameters())
+    assert row["dpm_solver_20_images_per_s"] == pytest.approx(row["sampling_nfe_per_s"] / 20)
+    assert row["train_images_per_s"] > 0 and 0.5 < row["sampler_loop_overhead"] < 3
+    assert os.listdir(tmp_path) == ["b.json"]
