@@ -115,7 +115,6 @@ def test_real_data_scores_near_floor_and_degraded_copies_worse():
     for bad in ("noised", "blurred"):
         assert scores[bad]["fid_mnist"] > 3 * scores["real"]["fid_mnist"], (bad, scores)
         assert scores[bad]["precision"] < scores["real"]["precision"]
-    print({name: round(v["fid_mnist"], 2) for name, v in scores.items()})
 
 
 def test_inception_features():
