@@ -11,6 +11,8 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
     step, epoch            training progress
     train_state            optimizer, LR schedule, AMP scaler, RNG states (for exact resume)
     config                 the training run's full configuration
+    guidance_scale         optional: the classifier-free guidance a conditional model samples with by
+                           default, in place of the run's --guidance_scale (set by checkpoint.py)
 
 A sampling copy (`python checkpoint.py last.pth model.pt`) keeps the same format without `model` and
 `train_state`: a quarter of the size, enough for inference.py and eval.py, not for --resume. The two
@@ -82,9 +84,24 @@ def load_checkpoint(path: str, conditional: bool | None = None, map_location="cp
     return ckpt
 
 
-def sampling_copy(ckpt: dict) -> dict:
-    """The checkpoint without what only training needs: the raw weights and the optimizer state."""
-    return {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
+def sampling_copy(ckpt: dict, guidance_scale: float | None = None) -> dict:
+    """The checkpoint without what only training needs: the raw weights and the optimizer state;
+    `guidance_scale`, if given, becomes the copy's default guidance (the run's record stays as it was)."""
+    copy = {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
+    if guidance_scale is not None:
+        if not ckpt["conditional"]:
+            raise UserError("--guidance_scale is for conditional models")
+        if guidance_scale < 0:
+            raise UserError(f"--guidance_scale must not be negative, got {guidance_scale}")
+        copy["guidance_scale"] = float(guidance_scale)
+    return copy
+
+
+def default_guidance(ckpt: dict) -> float:
+    """The guidance a checkpoint samples with unless told otherwise: its own, else its run's, 0 unconditional."""
+    if not ckpt["conditional"]:
+        return 0.0
+    return ckpt.get("guidance_scale", ckpt["config"].get("args", {}).get("guidance_scale", 0.0))
 
 
 def pretrained_path(kind: str) -> str:
@@ -124,10 +141,12 @@ def main(argv=None):
                                    "config, the run's configuration; no optimizer state.")
     p.add_argument("checkpoint", help="a last.pth or best_model.pth")
     p.add_argument("output", help="the file to write (refused if it exists)")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="the guidance the copy samples with by default (conditional models; default: the run's)")
     args = p.parse_args(argv)
     if os.path.exists(args.output):
         raise UserError(f"{args.output} exists; remove it or choose another name")
-    copy = sampling_copy(load_checkpoint(args.checkpoint))
+    copy = sampling_copy(load_checkpoint(args.checkpoint), args.guidance_scale)
     atomic_write(args.output, lambda tmp: torch.save(copy, tmp))
     print(f"{args.output}: {os.path.getsize(args.output) / 1e6:.2f} MB, sha256 {sha256_file(args.output)}")
 

@@ -53,7 +53,7 @@ class ConditioningConfig:
     """train_conditional.py only."""
     num_classes: int = option(10)
     p_uncond: float = option(0.1, "label dropout for classifier-free guidance")
-    guidance_scale: float = option(1.0, "w for sample grids and evaluation")
+    guidance_scale: float = option(0.5, "w for sample grids and evaluation")
 
 
 # A small model for machines without a GPU, the winner of sweep.py (docs/cpu_recipe.md): 9.5 minutes of

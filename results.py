@@ -28,10 +28,13 @@ def score(name: str, source: str, args) -> dict:
     model = ["--pretrained", source.split(":", 1)[1]] if source.startswith("pretrained:") else ["--model_path", source]
     flags = model + ["--num_samples", str(args.num_samples), "--save_dir", os.path.join(args.out, name),
                      "--data_dir", args.data_dir] + (["--no_inception"] if args.no_inception else [])
+    if args.guidance_scale is not None:  # unconditional models ignore it
+        flags += ["--guidance_scale", str(args.guidance_scale)]
     report = eval_script.main(flags)
     s = report["settings"]
     guided = bool(s.get("guidance_scale"))
-    return dict(model=name, source=source, num_samples=s["num_images"], sampler=f"{s['method']}, eta {s['eta']:g}",
+    sampler = f"{s['method']}, {s['steps']} steps, eta {s['eta']:g}" + (f", w {s['guidance_scale']:g}" if guided else "")
+    return dict(model=name, source=source, num_samples=s["num_images"], sampler=sampler,
                 guidance_scale=s.get("guidance_scale"), network_evaluations=s["steps"] * (2 if guided else 1),
                 sampling_seconds=report["seconds"]["generation"], step=s["step"],
                 **{k: report.get(k) for k in METRICS}, floor={k: (report["floor"] or {}).get(k) for k in METRICS},
@@ -71,6 +74,8 @@ def build_parser() -> ArgumentParser:
                                                 "rewrite the table)")
     p.add_argument("--num_samples", type=int, default=10_000)
     p.add_argument("--no_inception", action="store_true", help="MNIST-domain metrics only (fast on the CPU)")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="the guidance of the conditional models (default: each checkpoint's)")
     p.add_argument("--data_dir", default="./data")
     p.add_argument("--out", default=os.path.join("outputs", "results"), help="where eval.py's reports go")
     p.add_argument("--table", default=os.path.join("docs", "results_10k.md"), help="the Markdown table (+ .json)")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from checkpoint import PRETRAINED, load_checkpoint, model_from_checkpoint, pretrained_path
+from checkpoint import PRETRAINED, default_guidance, load_checkpoint, model_from_checkpoint, pretrained_path
 from cli import UserError, add_speed_args
 from conditional_ddpm import ConditionalUNet, GuidedModel
 from ddpm_model import METHODS, GaussianDiffusion, make_generator
@@ -66,7 +66,8 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS, batch_size: i
                    help="DDIM and DPM-Solver++ noise: 0 deterministic (the ODE), 1 DDPM-like (the SDE); "
                         "None: 0 for ddim, 1 for dpm_solver")
     p.add_argument("--guidance_scale", type=float, default=None,
-                   help="classifier-free guidance w (conditional models); default: the training run's")
+                   help="classifier-free guidance w (conditional models); default: the checkpoint's (a "
+                        "sampling copy's own, else its training run's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=batch_size, help="images per sampling batch" + (
         "" if batch_size else "; None: 256 on CUDA, 64 elsewhere (faster than larger batches on CPUs)"))
@@ -105,9 +106,7 @@ def load_model(args, methods, want_conditional: bool = False) -> Loaded:
         path, output_root = pretrained_path(kind), os.path.join("outputs", f"pretrained_{kind}")
     ckpt = load_checkpoint(path)
     model, diffusion = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
-    guidance = args.guidance_scale
-    if guidance is None:
-        guidance = ckpt["config"].get("args", {}).get("guidance_scale", 0.0) if ckpt["conditional"] else 0.0
+    guidance = default_guidance(ckpt) if args.guidance_scale is None else args.guidance_scale
     samplers = {}
     for method in methods:  # the ddpm half of --method both / --comparison takes all T; --steps is the ddim's
         steps = args.steps if method != "ddpm" or args.method == "ddpm" else None
