@@ -53,7 +53,7 @@ CANDIDATES = {
     "bf16_bs64": ("train.py", flags(MIN_SNR, dict(batch_size=64, lr=2e-3)), "+ Min-SNR-5, batch 64 at LR 2e-3"),
     "bf16_lr2e-3": ("train.py", flags(MIN_SNR, dict(lr=2e-3)), "+ Min-SNR-5, LR 2e-3"),
     "bf16_bs16": ("train.py", flags(MIN_SNR, dict(batch_size=16)), "+ Min-SNR-5, batch 16 (twice the steps)"),
-    "conditional_bf16_minsnr": ("train_conditional.py", flags(MIN_SNR),
+    "conditional_bf16_minsnr": ("train_conditional.py", flags(MIN_SNR, dict(guidance_scale=1.0)),
                                 "conditional, bf16, Min-SNR-5, guidance 1: now `train_conditional.py --preset cpu`"),
 }
 COLUMNS = ("candidate", "steps", "images seen", "train s", "train img/s", "fid_mnist", "floor", "precision", "recall",

@@ -14,7 +14,7 @@ from conftest import DATA_DIR
 from data import to_uint8
 from fileio import read_checksums, sha256_file
 from metrics import classifier_outputs, load_classifier
-from sampling import Sampler, generate
+from sampling import Sampler, generate, load_model
 
 
 @pytest.mark.parametrize("kind", sorted(PRETRAINED))
@@ -76,6 +76,25 @@ def test_sampling_copy_samples_like_its_checkpoint_and_cannot_resume(tmp_path, t
         model_from_checkpoint(load_checkpoint(str(copy)), use_ema=False)
 
 
+def test_a_sampling_copy_carries_its_own_guidance(tmp_path, train_flags, capsys):
+    """checkpoint.py --guidance_scale sets the copy's default guidance; the flag of inference.py still
+    wins, the run without a copy keeps its own, and an unconditional model refuses one."""
+    trainer.main(train_flags + ["--experiment_name", "c", "--max_steps", "1", "--epochs", "1", "--guidance_scale",
+                                "2"], conditional=True)
+    last, copy = tmp_path / "runs" / "c" / "last.pth", tmp_path / "copy.pt"
+    checkpoint.main([str(last), str(copy), "--guidance_scale", "0.25"])
+
+    def guidance(path, *flags):
+        args = inference.build_parser().parse_args(["--model_path", str(path), *flags])
+        return load_model(args, ["dpm_solver"]).samplers["dpm_solver"].guidance_scale
+    assert guidance(last) == 2.0 and guidance(copy) == 0.25 and guidance(copy, "--guidance_scale", "0") == 0.0
+    assert load_checkpoint(str(copy))["config"] == load_checkpoint(str(last))["config"]  # the run's record as it was
+    assert checkpoint.default_guidance(load_checkpoint(pretrained_path("conditional"))) == 0.5  # docs/samplers.md
+    with pytest.raises(SystemExit) as exit_:
+        checkpoint.main([str(pretrained_path("unconditional")), str(tmp_path / "u.pt"), "--guidance_scale", "1"])
+    assert exit_.value.code == 2 and "for conditional models" in capsys.readouterr().err
+
+
 def test_results_table_scores_each_model_beside_the_floor(tmp_path, train_flags):
     trainer.main(train_flags + ["--experiment_name", "run", "--max_steps", "2", "--epochs", "1"])
     table = tmp_path / "table.md"
@@ -86,6 +105,6 @@ def test_results_table_scores_each_model_beside_the_floor(tmp_path, train_flags)
     assert [r["model"] for r in rows] == ["tiny"] and rows[0]["num_samples"] == 20
     assert rows[0]["network_evaluations"] == 20 and rows[0]["fid_mnist"] > rows[0]["floor"]["fid_mnist"]
     lines = table.read_text().splitlines()
-    assert lines[-2].startswith("| tiny | dpm_solver, eta 1 | 20 |") and lines[-1].startswith("| real MNIST test |")
+    assert lines[-2].startswith("| tiny | dpm_solver, 20 steps, eta 1 | 20 |") and lines[-1].startswith("| real MNIST test |")
     results.main(flags + ["--only", "none"])  # rewrites the table from the JSON alone
     assert table.read_text().splitlines() == lines
