@@ -8,7 +8,7 @@ docs/results_10k.md (rows in docs/results_10k.json).
 
 A model already in the JSON is scored again only when named; rows from earlier runs are kept, each with
 its date and whether Inception features were computed. On 2 CPU cores sampling 10,000 images takes
-about 4 (unconditional) and 8 (conditional, guided) minutes; Inception features 11 minutes more, and the
+about 4 (unconditional) and 6 (conditional, guided) minutes; Inception features 11 minutes more, and the
 reference statistics the same once.
 """
 import os
@@ -51,7 +51,7 @@ def write_table(rows: list, path: str, machine: str) -> None:
     head = ("| model | sampler | network calls | sampling s | fid_inception | fid_mnist | is_mnist | precision | recall "
             "| class accuracy | date |")
     lines = [f"# Results at N = {n:,}", "",
-             f"`python results.py` on {machine}: each model's default sampler draws {n:,} images, which "
+             f"`python results.py` on {machine}: each model draws {n:,} images with the sampler of its row, which "
              "`eval.py` scores against the MNIST training set (fid_inception: TF-Inception pool3 features of "
              "10,000 training images; the rest: the repository's MNIST classifier). The last row is the real "
              f"MNIST test split, {n:,} images: the floor each metric is held to.", "",
