@@ -90,9 +90,12 @@ def test_a_sampling_copy_carries_its_own_guidance(tmp_path, train_flags, capsys)
     assert guidance(last) == 2.0 and guidance(copy) == 0.25 and guidance(copy, "--guidance_scale", "0") == 0.0
     assert load_checkpoint(str(copy))["config"] == load_checkpoint(str(last))["config"]  # the run's record as it was
     assert checkpoint.default_guidance(load_checkpoint(pretrained_path("conditional"))) == 0.5  # docs/samplers.md
-    with pytest.raises(SystemExit) as exit_:
-        checkpoint.main([str(pretrained_path("unconditional")), str(tmp_path / "u.pt"), "--guidance_scale", "1"])
-    assert exit_.value.code == 2 and "for conditional models" in capsys.readouterr().err
+    for source, w, message in ((pretrained_path("unconditional"), "1", "for conditional models"),
+                               (last, "-1", "must not be negative")):
+        with pytest.raises(SystemExit) as exit_:
+            checkpoint.main([str(source), str(tmp_path / "refused.pt"), "--guidance_scale", w])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "refused.pt").exists()
 
 
 def test_results_table_scores_each_model_beside_the_floor(tmp_path, train_flags):
