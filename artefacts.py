@@ -48,7 +48,8 @@ class RunArtefacts:
         vis = os.path.join(self.exp_dir, "visualizations")
         if history["step"]:
             utils.plot_loss_curve(history["step"], history["loss"], os.path.join(vis, "loss_curve.png"))
-        utils.plot_noise_schedule(self.diffusion, os.path.join(vis, "noise_schedule.png"))
+        if hasattr(self.diffusion, "betas"):
+            utils.plot_noise_schedule(self.diffusion, os.path.join(vis, "noise_schedule.png"))
 
     @torch.no_grad()
     def test_loss(self) -> float:

@@ -27,6 +27,7 @@ import torch
 from cli import ArgumentParser, UserError, guarded
 from conditional_ddpm import ConditionalUNet
 from ddpm_model import GaussianDiffusion, UNet
+from edm import KarrasDiffusion
 from fileio import atomic_write, read_checksums, sha256_file
 
 FORMAT, VERSION = "ddpm-mnist-checkpoint", 1
@@ -125,6 +126,14 @@ def build_model(model_config: dict, conditional: bool) -> torch.nn.Module:
     return UNet(**config)
 
 
+def build_diffusion(diffusion_config: dict):
+    """The process of a diffusion_config: KarrasDiffusion for the continuous formulations, else (the
+    checkpoints of the seed included, which have no formulation) GaussianDiffusion."""
+    if diffusion_config.get("formulation", "ddpm") == "ddpm":
+        return GaussianDiffusion(**diffusion_config)
+    return KarrasDiffusion(**diffusion_config)
+
+
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True):
     """(model, diffusion) ready to sample from, on the CPU, in eval mode."""
     if not use_ema and "model" not in ckpt:
@@ -132,7 +141,7 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True):
                               "last.pth or best_model.pth")
     model = build_model(ckpt["model_config"], ckpt["conditional"])
     model.load_state_dict(ckpt["ema" if use_ema else "model"])
-    return model.eval(), GaussianDiffusion(**ckpt["diffusion_config"])
+    return model.eval(), build_diffusion(ckpt["diffusion_config"])
 
 
 @guarded

@@ -8,9 +8,11 @@ import types
 import typing
 from dataclasses import dataclass
 
+import edm
 from cli import ArgumentParser, add_speed_args
 from ddpm_model import METHODS, DiffusionConfig, ModelConfig, check_schedule, option
 from metrics import MIN_SAMPLES
+from sampling import ALL_METHODS
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,20 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class FormulationConfig:
+    """Which diffusion the network learns: the discrete DDPM process, or a continuous-noise one of edm.py."""
+    formulation: str = option("ddpm", "ddpm: the process of --timesteps, --beta_schedule and --prediction; edm, flow: "
+                                      "continuous noise levels (edm.py)", choices=("ddpm",) + edm.FORMULATIONS)
+    sigma_data: float = option(0.5, "edm: the data's scale in its preconditioning")
+    p_mean: float = option(-1.2, "edm, flow: training noise levels ln(sigma) ~ N(p_mean, p_std^2)")
+    p_std: float = option(1.2, "edm, flow: see --p_mean")
+
+
+
+@dataclass(frozen=True)
 class GridSamplerConfig:
     """How the run's sample grids and evaluations sample (a sampling.Sampler once the model is known)."""
-    sample_method: str = option("dpm_solver", "sampler for grids and evaluation", choices=METHODS)
+    sample_method: str = option("dpm_solver", "sampler for grids and evaluation", choices=ALL_METHODS)
     sample_steps: int = option(20, "its steps (ddpm uses all T)")
     sample_eta: float = option(1.0, "its noise (ddim, dpm_solver): 0 the ODE, 1 the SDE")
 
@@ -101,7 +114,7 @@ def build_parser(conditional: bool) -> argparse.ArgumentParser:
                    help="a named configuration; flags given on the command line override it. cpu: "
                         + " ".join(f"--{k} {flag_value(v) or repr('')}" for k, v in PRESETS["cpu"].items()))
     groups = [("training", TrainingConfig), ("model", ModelConfig), ("diffusion", DiffusionConfig),
-              ("sample grids and evaluations", GridSamplerConfig)]
+              ("formulation", FormulationConfig), ("sample grids and evaluations", GridSamplerConfig)]
     if conditional:
         groups.append(("conditioning", ConditioningConfig))
     for title, config_class in groups:
@@ -161,7 +174,13 @@ def parse_args(argv, conditional: bool) -> tuple[argparse.Namespace, set]:
         check_schedule(args.beta_schedule, args.timesteps)
     except ValueError as e:
         parser.error(str(e))
-    if args.sample_method != "ddpm" and args.sample_steps > args.timesteps:
+    methods = METHODS if args.formulation == "ddpm" else edm.METHODS
+    if args.sample_method not in methods:
+        parser.error(f"--sample_method {args.sample_method} is not a sampler of --formulation {args.formulation} "
+                     f"({', '.join(methods)})")
+    if args.formulation != "ddpm" and args.min_snr_gamma:
+        parser.error("--min_snr_gamma weights the ddpm loss; edm and flow have their own weighting")
+    if args.formulation == "ddpm" and args.sample_method != "ddpm" and args.sample_steps > args.timesteps:
         parser.error(f"--sample_steps {args.sample_steps} is more than the {args.timesteps} --timesteps")
     if conditional and args.num_classes < MNIST_CLASSES:
         parser.error(f"--num_classes must be at least {MNIST_CLASSES}: MNIST has labels 0-9, got {args.num_classes}")
@@ -173,6 +192,13 @@ def parse_args(argv, conditional: bool) -> tuple[argparse.Namespace, set]:
 def values(args, config_class) -> dict:
     """The fields of `config_class` as the parsed flags `args` set them."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
+
+
+def diffusion_config(args) -> dict:
+    """The keyword arguments of the run's process: GaussianDiffusion's, or KarrasDiffusion's."""
+    if args.formulation == "ddpm":
+        return values(args, DiffusionConfig)
+    return values(args, FormulationConfig)
 
 
 def model_config(args) -> dict:

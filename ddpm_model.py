@@ -324,6 +324,10 @@ class GaussianDiffusion(nn.Module):
             return x0
         return self._at(self.sqrt_ac, t, x0) * noise - self._at(self.sqrt_one_minus_ac, t, x0) * x0
 
+    def draw_noise_levels(self, n: int, device, generator=None) -> torch.Tensor:
+        """Training timesteps, uniform over 0..T-1."""
+        return torch.randint(0, self.timesteps, (n,), device=device, generator=generator)
+
     def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict | None = None,
                       generator: torch.Generator | None = None, t: torch.Tensor | None = None,
                       noise: torch.Tensor | None = None, min_snr_gamma: float = 0.0) -> torch.Tensor:
@@ -335,7 +339,7 @@ class GaussianDiffusion(nn.Module):
         the gradient. 0 is the plain (unweighted) loss of the prediction target.
         """
         if t is None:
-            t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+            t = self.draw_noise_levels(x0.shape[0], x0.device, generator)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         out = model(self.q_sample(x0, t, noise), t, **(model_kwargs or {}))

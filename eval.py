@@ -26,7 +26,6 @@ import fileio
 import utils
 from cli import ArgumentParser, UserError, check_output_dir, guarded
 from data import to_uint8
-from ddpm_model import METHODS
 from metrics import MIN_SAMPLES, Evaluator
 from runtime import pick_device
 from sampling import add_sampling_args, default_labels, generate, load_model
@@ -50,7 +49,7 @@ REPORT_KEYS = ("fid_inception", "is_inception_mean", "is_inception_std", "fid_mn
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Evaluate a DDPM checkpoint, a set of samples, or real MNIST.")
-    add_sampling_args(p, methods=METHODS, batch_size=50)
+    add_sampling_args(p, batch_size=50)
     p.add_argument("--num_samples", type=int, default=1000, help="samples to generate (or real images to take)")
     p.add_argument("--samples", default=None, metavar="PATH", help="evaluate an npz (images, labels) or a PNG folder")
     p.add_argument("--real", choices=sorted(REAL_SETS), default=None,

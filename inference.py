@@ -19,13 +19,13 @@ import fileio
 import utils
 from cli import ArgumentParser, UserError, check_output_dir, check_output_file, guarded
 from data import to_uint8
-from ddpm_model import METHODS, make_generator
-from sampling import add_sampling_args, generate, load_model
+from ddpm_model import make_generator
+from sampling import ALL_METHODS, add_sampling_args, generate, load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Generate images from a trained DDPM checkpoint.")
-    add_sampling_args(p, methods=METHODS + ("both",))
+    add_sampling_args(p, methods=ALL_METHODS + ("both",))
     p.add_argument("--num_samples", type=int, default=16,
                    help="images to generate; for conditional models, images per label (one grid row each)")
     p.add_argument("--conditional", action="store_true",

@@ -8,13 +8,16 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+import edm
 from checkpoint import PRETRAINED, default_guidance, load_checkpoint, model_from_checkpoint, pretrained_path
 from cli import UserError, add_speed_args
 from conditional_ddpm import ConditionalUNet, GuidedModel
 from ddpm_model import METHODS, GaussianDiffusion, make_generator
 from runtime import amp_dtype, autocast, pick_device
 
-DEFAULT_STEPS = {"ddim": 50, "dpm_solver": 20}  # ddpm always takes all T
+DEFAULT_STEPS = {"ddim": 50, "dpm_solver": 20, "heun": 18, "euler": 50}  # ddpm always takes all T
+ALL_METHODS = tuple(dict.fromkeys(METHODS + edm.METHODS))
+MAX_CONTINUOUS_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -31,10 +34,14 @@ class Sampler:
         return f"{self.method}, {self.steps} steps, eta={self.eta:g}{guidance}"
 
 
-def make_sampler(method: str, timesteps: int, steps: int | None = None, eta: float | None = None,
+def make_sampler(method: str, diffusion, steps: int | None = None, eta: float | None = None,
                  guidance_scale: float = 0.0) -> Sampler:
-    """A checked Sampler with the defaults filled in: steps from DEFAULT_STEPS, eta 0 for ddim (the
-    deterministic DDIM of the paper) and 1 for dpm_solver (SDE-DPM-Solver++, the best fid_mnist per call)."""
+    """A checked Sampler for `diffusion` with the defaults filled in: steps from DEFAULT_STEPS, eta 0 for ddim
+    (the deterministic DDIM of the paper) and 1 for dpm_solver (SDE-DPM-Solver++, the best fid_mnist per call)."""
+    discrete = isinstance(diffusion, GaussianDiffusion)
+    methods, timesteps = (METHODS, diffusion.timesteps) if discrete else (edm.METHODS, MAX_CONTINUOUS_STEPS)
+    if method not in methods:
+        raise UserError(f"--method {method} is not a sampler of this model (it takes {', '.join(methods)})")
     if method == "ddpm":
         if steps not in (None, timesteps):
             raise UserError(f"--method ddpm takes all of the model's {timesteps} steps; --steps {steps} is for "
@@ -43,7 +50,7 @@ def make_sampler(method: str, timesteps: int, steps: int | None = None, eta: flo
     elif steps is None:
         steps = DEFAULT_STEPS[method]
     elif not 1 <= steps <= timesteps:
-        raise UserError(f"--steps must be between 1 and the model's {timesteps} timesteps, got {steps}")
+        raise UserError(f"--steps must be between 1 and {timesteps}, got {steps}")
     eta = (1.0 if method == "dpm_solver" else 0.0) if eta is None else eta
     if eta < 0:
         raise UserError(f"--eta must not be negative, got {eta}")
@@ -52,7 +59,7 @@ def make_sampler(method: str, timesteps: int, steps: int | None = None, eta: flo
     return Sampler(method, steps, eta, guidance_scale)
 
 
-def add_sampling_args(p: argparse.ArgumentParser, methods=METHODS, batch_size: int | None = None) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, methods=ALL_METHODS, batch_size: int | None = None) -> None:
     """The model and sampler flags inference.py and eval.py share."""
     p.add_argument("--model_path", help="a checkpoint from train.py or train_conditional.py (or its sampling copy)")
     p.add_argument("--pretrained", choices=sorted(PRETRAINED), default=None,
@@ -110,7 +117,7 @@ def load_model(args, methods, want_conditional: bool = False) -> Loaded:
     samplers = {}
     for method in methods:  # the ddpm half of --method both / --comparison takes all T; --steps is the ddim's
         steps = args.steps if method != "ddpm" or args.method == "ddpm" else None
-        samplers[method] = make_sampler(method, diffusion.timesteps, steps, args.eta, guidance)
+        samplers[method] = make_sampler(method, diffusion, steps, args.eta, guidance)
     device = pick_device(args.device)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")

@@ -23,12 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fileio
 from artefacts import RunArtefacts
-from checkpoint import build_model, load_checkpoint, save_checkpoint
+from checkpoint import build_diffusion, build_model, load_checkpoint, save_checkpoint
 from cli import UserError, check_output_dir, fail, replaced
 from conditional_ddpm import drop_labels
-from config import PRESETS, model_config, parse_args, values
+from config import PRESETS, diffusion_config, model_config, parse_args
 from data import load_mnist, to_model_range
-from ddpm_model import DiffusionConfig, GaussianDiffusion
 from metrics import Evaluator
 from runtime import amp_dtype, autocast, pick_device
 from sampling import make_sampler
@@ -130,8 +129,10 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=[local_rank] if self.device.type == "cuda" else None)
         if args.compile:
             self.net = torch.compile(self.net, mode=args.compile)
-        self.diffusion = GaussianDiffusion(**values(args, DiffusionConfig)).to(self.device)
-        self.sampler = make_sampler(args.sample_method, args.timesteps,  # of sample grids and evaluations
+        self.diffusion = build_diffusion(diffusion_config(args)).to(self.device)
+        # Min-SNR is a weighting of the ddpm loss; the continuous formulations carry their own
+        self.loss_options = {"min_snr_gamma": args.min_snr_gamma} if args.formulation == "ddpm" else {}
+        self.sampler = make_sampler(args.sample_method, self.diffusion,  # of sample grids and evaluations
                                     None if args.sample_method == "ddpm" else args.sample_steps, args.sample_eta,
                                     getattr(args, "guidance_scale", 0.0))
         cuda = self.device.type == "cuda"
@@ -223,7 +224,7 @@ class Trainer:
         """
         args, share = self.args, slice(self.rank, None, self.world)
         x0 = to_model_range(self.images[idx])
-        t = torch.randint(0, args.timesteps, (len(idx),), device=self.device, generator=self.noise_gen)
+        t = self.diffusion.draw_noise_levels(len(idx), self.device, self.noise_gen)
         noise = torch.randn(x0.shape, device=self.device, generator=self.noise_gen)
         kwargs = {}
         if self.conditional:
@@ -231,7 +232,7 @@ class Trainer:
             kwargs["y"] = y[share]
         with self.autocast():
             loss = self.diffusion.training_loss(self.net, x0[share], kwargs, t=t[share], noise=noise[share],
-                                                min_snr_gamma=args.min_snr_gamma)
+                                                **self.loss_options)
         for group in self.optimizer.param_groups:
             group["lr"] = args.lr * self.lr_factor()
         self.optimizer.zero_grad(set_to_none=True)

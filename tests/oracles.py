@@ -84,7 +84,7 @@ def exact_output_law(ac, mean0, s, ts, eta):
     return mu, var
 
 
-def exact_dpm_solver_law(ac, mean0, s, ts, eta):
+def exact_dpm_solver_law(ac, mean0, s, ts, eta, init_var=1.0):
     """Exact mean and variance of a DPM-Solver++(2M) chain's output (SDE variant for eta > 0) under
     GaussianOracle(mean0, s), from the update in Lu et al.'s notation:
 
@@ -93,10 +93,11 @@ def exact_dpm_solver_law(ac, mean0, s, ts, eta):
 
     with D = x0_hat + (x0_hat - previous x0_hat) h / (2 h_previous). Every quantity is an affine
     function of x_T and the injected z's: carry (constant, coefficients) and read off the moments.
+    x_T ~ N(0, init_var).
     """
     n = len(ts)
     x = (0.0, torch.zeros(n, dtype=torch.float64))
-    x[1][0] = 1.0  # x_T ~ N(0, 1) is variable 0; step i injects variable i + 1
+    x[1][0] = math.sqrt(init_var)  # x_T is variable 0; step i injects variable i + 1
     affine = lambda c0, a, c1, b: (c0 * a[0] + c1 * b[0], c0 * a[1] + c1 * b[1])
     prev = None
     for i, t in enumerate(ts):
@@ -113,3 +114,54 @@ def exact_dpm_solver_law(ac, mean0, s, ts, eta):
                    math.sqrt(a_next) * (1 - math.exp(-(1 + eta) * h)), d)
         x[1][i + 1] = math.sqrt((1 - a_next) * (1 - math.exp(-2 * eta * h)))
         prev = (x0_hat, h)
+
+
+# ----------------------------------------------------------------------------- continuous noise levels
+
+def sigma_posterior_gain(s, sigma):
+    """For x0 ~ N(m, s^2) and x = x0 + sigma eps: E[x0 | x] = m + gain (x - m)."""
+    return s ** 2 / (s ** 2 + sigma ** 2)
+
+
+class SigmaGaussianOracle:
+    """The optimal network for x0 ~ N(m, s^2) under a preconditioning of edm.py, from the papers' definitions:
+    edm (Karras et al. 2022, Table 1): input x / sqrt(sigma^2 + sd^2), time 250 ln(sigma), D = c_skip x + c_out F;
+    flow: input x_t = x / (1 + sigma) at t = sigma / (1 + sigma), time 1000 t, F the velocity, D = x_t - t F."""
+
+    def __init__(self, m, s, formulation, sigma_data=0.5):
+        self.m, self.s, self.formulation, self.sd = m, s, formulation, sigma_data
+
+    def __call__(self, x_in, t_in, y=None):
+        xd, t_in = x_in.double(), t_in.double().view(-1, *([1] * (x_in.dim() - 1)))
+        if self.formulation == "edm":
+            sigma = torch.exp(t_in / 250)
+            x = xd * (sigma ** 2 + self.sd ** 2).sqrt()
+            d = self.m + sigma_posterior_gain(self.s, sigma) * (x - self.m)
+            c_skip, c_out = self.sd ** 2 / (sigma ** 2 + self.sd ** 2), sigma * self.sd / (sigma ** 2 + self.sd ** 2).sqrt()
+            return ((d - c_skip * x) / c_out).to(x_in.dtype)
+        t = t_in / 1000
+        sigma = t / (1 - t)
+        d = self.m + sigma_posterior_gain(self.s, sigma) * (xd / (1 - t) - self.m)
+        return ((xd - d) / t).to(x_in.dtype)  # the velocity that gives D = x_t - t v
+
+
+def exact_heun_law(mean0, s, sigmas, churn=0.0, churn_range=(0.05, 50.0)):
+    """Mean and variance of EDM's Algorithm 2 output under the Gaussian oracle, x_start = sigma_max z.
+
+    With y = x - m, D - m = gain(sigma) y, so every step is y -> A (y + sqrt(s_hat^2 - s^2) z): iterate the moments.
+    """
+    n = len(sigmas) - 1
+    mu, var = -mean0, sigmas[0] ** 2
+    for sig, nxt in zip(sigmas[:-1], sigmas[1:]):
+        gamma = min(churn / n, math.sqrt(2) - 1) if churn_range[0] <= sig <= churn_range[1] else 0.0
+        hat = sig * (1 + gamma)
+        var += hat ** 2 - sig ** 2
+        slope1 = (1 - sigma_posterior_gain(s, hat)) / hat  # dy/dsigma per unit y
+        if nxt == 0:
+            a = sigma_posterior_gain(s, hat)
+        else:
+            euler = 1 + (nxt - hat) * slope1
+            slope2 = (1 - sigma_posterior_gain(s, nxt)) / nxt * euler
+            a = 1 + (nxt - hat) * (slope1 + slope2) / 2
+        mu, var = a * mu, a * a * var
+    return mean0 + mu, var

@@ -1,0 +1,192 @@
+"""Diffusion in continuous noise levels, the framework of EDM (Karras et al. 2022): x = x0 + sigma * eps.
+
+A preconditioning turns any network F(x_in, t_in) into a denoiser D(x, sigma) that estimates x0; training
+draws ln(sigma) from N(p_mean, p_std^2) and fits F to the output that would make D exact; the samplers
+are plain functions over a decreasing grid of noise levels. Two preconditionings ("formulations") share
+all of it:
+
+- edm: c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 + sd^2) for data of
+  scale sd (sigma_data), and the network's time input 250 ln(s) (EDM's c_noise = ln(s) / 4, in the 0..1000
+  range of timesteps the U-Net's sinusoidal embedding was built for).
+- flow: rectified flow / flow matching (Liu et al. 2023; Lipman et al. 2023). The network sees the straight
+  path x_t = (1 - t) x0 + t eps, which is x / (1 + s) at t = s / (1 + s), and predicts the velocity eps - x0:
+  D = x_t - t F. ln(s) = logit(t), so a log-normal s is the logit-normal t of Esser et al. 2024.
+
+In both the loss is the plain MSE between F and its target (x0 - c_skip x) / c_out: EDM's weighting
+1 / c_out^2 of the denoiser's error, and flow matching's unweighted velocity loss.
+"""
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from ddpm_model import make_generator
+
+FORMULATIONS = ("edm", "flow")
+METHODS = ("heun", "dpm_solver", "euler")
+RHO = 7.0  # the sampling grid is uniform in sigma^(1/rho), EDM's choice: more steps at low noise
+CHURN_RANGE = (0.05, 50.0)  # noise levels where heun's churn adds noise (EDM's S_tmin, S_tmax)
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = RHO) -> list:
+    """`steps` noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho), then 0."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return ((hi + ramp * (lo - hi)) ** rho).tolist() + [0.0]
+
+
+def gaussian_like(x: torch.Tensor, generator) -> torch.Tensor:
+    return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers: generators of (sigma, x) over a grid that ends at 0, for any denoiser D(x, sigma).
+# Each yields after every step; the last step returns D itself, the clean estimate.
+# ----------------------------------------------------------------------------------------------
+
+def euler_steps(denoise: Callable, x: torch.Tensor, sigmas: Sequence[float], generator=None, eta: float = 0.0):
+    """Euler on the probability-flow ODE dx/dsigma = (x - D) / sigma: DDIM (eta 0) and the flow-matching sampler."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = denoise(x, s)
+        x = d if s_next == 0 else x + (s_next - s) / s * (x - d)
+        yield s_next, x
+
+
+def heun_steps(denoise: Callable, x: torch.Tensor, sigmas: Sequence[float], generator=None, eta: float = 0.0):
+    """EDM's Algorithm 2: Heun's second-order step, Euler for the last one (2N - 1 network calls for N levels).
+
+    eta is EDM's S_churn: within CHURN_RANGE each step first raises the noise by a factor 1 + gamma,
+    gamma = min(eta / N, sqrt(2) - 1), with fresh noise; 0 is the deterministic ODE sampler.
+    """
+    n = len(sigmas) - 1
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        gamma = min(eta / n, math.sqrt(2) - 1) if CHURN_RANGE[0] <= s <= CHURN_RANGE[1] else 0.0
+        s_hat = s * (1 + gamma)
+        if gamma > 0:
+            x = x + math.sqrt(s_hat ** 2 - s ** 2) * gaussian_like(x, generator)
+        d = denoise(x, s_hat)
+        if s_next == 0:
+            x = d
+        else:
+            slope = (x - d) / s_hat
+            x_euler = x + (s_next - s_hat) * slope
+            x = x + (s_next - s_hat) * 0.5 * (slope + (x_euler - denoise(x_euler, s_next)) / s_next)
+        yield s_next, x
+
+
+def dpm_solver_steps(denoise: Callable, x: torch.Tensor, sigmas: Sequence[float], generator=None, eta: float = 0.0):
+    """DPM-Solver++(2M) (Lu et al. 2022) in lambda = -ln(sigma): second-order multistep on the denoised
+    estimates; eta = 1 is its SDE form, which re-injects noise at every step. One network call a level."""
+    prev_d, prev_h = None, None
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = denoise(x, s)
+        if s_next == 0:
+            x = d
+        else:
+            h = math.log(s / s_next)
+            corrected = d if prev_d is None else d + (d - prev_d) * (h / (2 * prev_h))
+            x = (s_next / s) * math.exp(-eta * h) * x - math.expm1(-(1 + eta) * h) * corrected
+            if eta > 0:
+                x = x + s_next * math.sqrt(-math.expm1(-2 * eta * h)) * gaussian_like(x, generator)
+            prev_d, prev_h = d, h
+        yield s_next, x
+
+
+STEP_FUNCTIONS = {"heun": heun_steps, "dpm_solver": dpm_solver_steps, "euler": euler_steps}
+
+
+# ----------------------------------------------------------------------------------------------
+# The process
+# ----------------------------------------------------------------------------------------------
+
+class KarrasDiffusion(nn.Module):
+    """Preconditioning, training loss and samplers of a continuous-noise formulation (FORMULATIONS).
+
+    A module, like GaussianDiffusion, so that both move with `.to(device)`; it has no parameters or buffers.
+    """
+
+    def __init__(self, formulation: str = "edm", sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__()
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+        if not (sigma_data > 0 and p_std > 0 and 0 < sigma_min < sigma_max):
+            raise ValueError("sigma_data, p_std and sigma_min must be positive, and sigma_min below sigma_max")
+        self.config = dict(formulation=formulation, sigma_data=sigma_data, p_mean=p_mean, p_std=p_std,
+                           sigma_min=sigma_min, sigma_max=sigma_max)
+        self.formulation, self.sigma_data, self.p_mean, self.p_std = formulation, sigma_data, p_mean, p_std
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def preconditioning(self, sigma: torch.Tensor):
+        """(c_skip, c_out, c_in, t_in) for noise levels `sigma` [N], the first three shaped [N, 1, 1, 1]."""
+        s = sigma.float().view(-1, 1, 1, 1)
+        if self.formulation == "edm":
+            sd2 = self.sigma_data ** 2
+            root = (s ** 2 + sd2).sqrt()
+            return sd2 / (s ** 2 + sd2), s * self.sigma_data / root, 1 / root, 250 * sigma.float().log()
+        t = s / (1 + s)
+        return 1 - t, -t, 1 - t, 1000 * t.flatten()  # x_t = (1 - t) x; D = x_t - t F
+
+    def denoise(self, model: Callable, x: torch.Tensor, sigma: torch.Tensor, model_kwargs: dict | None = None):
+        """D(x, sigma): the network's estimate of x0, in x's dtype."""
+        c_skip, c_out, c_in, t_in = self.preconditioning(sigma)
+        out = model((c_in * x).to(x.dtype), t_in, **(model_kwargs or {}))
+        return (c_skip * x + c_out * out.float()).to(x.dtype)
+
+    def draw_noise_levels(self, n: int, device, generator=None) -> torch.Tensor:
+        """ln(sigma) ~ N(p_mean, p_std^2): the training noise levels."""
+        z = torch.randn(n, device=device, generator=generator)
+        return (self.p_mean + self.p_std * z).exp()
+
+    def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict | None = None,
+                      generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+        """MSE of the network's output against the output that makes D(x0 + t noise, t) = x0, at noise
+        levels t (sigmas; drawn by draw_noise_levels when None) and unit Gaussian `noise`."""
+        if t is None:
+            t = self.draw_noise_levels(x0.shape[0], x0.device, generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x = x0 + t.view(-1, 1, 1, 1) * noise
+        c_skip, c_out, c_in, t_in = self.preconditioning(t)
+        out = model(c_in * x, t_in, **(model_kwargs or {}))
+        target = (x0 - c_skip * x) / c_out
+        return (out.float() - target.float()).square().flatten(1).mean(1).mean()
+
+    @torch.no_grad()
+    def sample(self, model: Callable, shape: Sequence[int], method: str = "heun", steps: int = 18, eta: float = 0.0,
+               model_kwargs: dict | None = None, generator=None, x_T: torch.Tensor | None = None,
+               clip_denoised: bool = True, progress: bool = False, return_intermediates: bool = False, device=None):
+        """Draw samples with `method` in METHODS over `steps` noise levels of the Karras grid (heun makes
+        2 steps - 1 network calls, the others `steps`).
+
+        x_T: unit Gaussian noise (scaled to sigma_max here); generator: a seed or a torch.Generator.
+        clip_denoised clamps every denoised estimate to the data range [-1, 1].
+        Returns x_0, or (x_0, [(sigma, x / sqrt(1 + sigma^2)), ...]) with return_intermediates: the
+        states scaled as a variance-preserving process would hold them, so they can be shown alike.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        device = device or torch.device("cpu")
+        generator = make_generator(generator, device)
+        noise = x_T if x_T is not None else torch.randn(tuple(shape), device=device, generator=generator)
+        x = noise * self.sigma_max
+        kwargs = model_kwargs or {}
+
+        def denoise(x, sigma: float):
+            d = self.denoise(model, x, torch.full((x.shape[0],), sigma, device=x.device), kwargs)
+            return d.clamp(-1, 1) if clip_denoised else d
+
+        sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max)
+        loop = STEP_FUNCTIONS[method](denoise, x, sigmas, generator, eta)
+        intermediates = [(self.sigma_max, noise)]
+        if progress:
+            from tqdm.auto import tqdm
+            loop = tqdm(loop, total=steps, desc=f"sampling ({method})", leave=False)
+        for sigma, x in loop:
+            if return_intermediates:
+                intermediates.append((sigma, x / math.sqrt(1 + sigma ** 2)))
+        return (x, intermediates) if return_intermediates else x
