@@ -6,19 +6,22 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from torch.utils.tensorboard.summary import hparams
 
 import utils
 from data import to_model_range, to_uint8
 from runtime import autocast
-from sampling import default_labels, digit_rows, generate, is_conditional
+from sampling import default_labels, digit_rows, generate, is_conditional, sampler_settings
 
 
 class RunArtefacts:
-    def __init__(self, args, exp_dir: str, ema, diffusion, sampler, evaluator, writer, device, pad: int):
-        """`ema` is the network to sample (updated in place by the trainer), `sampler` how; `evaluator` a
-        metrics.Evaluator (None: no evaluations); `pad` the border train.py adds to 28x28 digits."""
-        self.args, self.exp_dir, self.ema, self.diffusion, self.sampler = args, exp_dir, ema, diffusion, sampler
+    def __init__(self, args, exp_dir: str, ema, diffusion, evaluator, writer, device, pad: int):
+        """`ema` is the network to sample (updated in place by the trainer) with the sampler of --sample_method;
+        `evaluator` a metrics.Evaluator (None: no evaluations); `pad` the border train.py adds to 28x28 digits."""
+        self.args, self.exp_dir, self.ema, self.diffusion = args, exp_dir, ema, diffusion
         self.evaluator, self.writer, self.device, self.pad = evaluator, writer, device, pad
+        self.sampler = sampler_settings(diffusion, args.sample_method, args.sample_steps, args.sample_eta,
+                                        getattr(args, "guidance_scale", 0.0))
 
     def survive(self, what: str, work, step: int):
         """work(), or None with a warning on stderr and in TensorBoard if it fails for any reason but a stop."""
@@ -31,9 +34,10 @@ class RunArtefacts:
             return None
 
     def generate(self, n: int, labels=None) -> torch.Tensor:
-        a = self.args
-        return generate(self.ema, self.diffusion, n, self.sampler, labels=labels, batch_size=max(a.batch_size, 100),
-                        seed=a.seed, device=self.device, amp=a.amp, compile_mode=a.compile, channels_last=a.channels_last)
+        args = self.args
+        return generate(self.ema, self.diffusion, n, self.sampler, labels=labels, batch_size=max(args.batch_size, 100),
+                        seed=args.seed, device=self.device, amp=args.amp, compile_mode=args.compile,
+                        channels_last=args.channels_last)
 
     def write_samples(self, step: int, epoch: int) -> str:
         """A grid ten images wide: 10x10, or one row per class for a conditional model."""
@@ -48,8 +52,7 @@ class RunArtefacts:
         vis = os.path.join(self.exp_dir, "visualizations")
         if history["step"]:
             utils.plot_loss_curve(history["step"], history["loss"], os.path.join(vis, "loss_curve.png"))
-        if hasattr(self.diffusion, "betas"):
-            utils.plot_noise_schedule(self.diffusion, os.path.join(vis, "noise_schedule.png"))
+        utils.plot_noise_schedule(self.diffusion, os.path.join(vis, "noise_schedule.png"))
 
     @torch.no_grad()
     def test_loss(self) -> float:
@@ -80,7 +83,6 @@ class RunArtefacts:
     def log_hparams(self, run_args: dict, metrics: dict) -> None:
         """The run's flags and final evaluation in TensorBoard's HParams tab, which lines up the runs under
         one --logdir (a sweep, say) side by side. The metrics point at the eval/ scalars already logged."""
-        from torch.utils.tensorboard.summary import hparams
         flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_args.items()}
         for summary in hparams(flat, {f"eval/{k}": v for k, v in metrics.items()}):
             self.writer.file_writer.add_summary(summary)

@@ -25,7 +25,7 @@ import pickle
 import torch
 
 from cli import ArgumentParser, UserError, guarded
-from conditional_ddpm import ConditionalUNet
+from conditional_ddpm import ConditionalUNet, check_guidance_scale
 from ddpm_model import GaussianDiffusion, UNet
 from edm import KarrasDiffusion
 from fileio import atomic_write, read_checksums, sha256_file
@@ -92,9 +92,10 @@ def sampling_copy(ckpt: dict, guidance_scale: float | None = None) -> dict:
     if guidance_scale is not None:
         if not ckpt["conditional"]:
             raise UserError("--guidance_scale is for conditional models")
-        if guidance_scale < 0:
-            raise UserError(f"--guidance_scale must not be negative, got {guidance_scale}")
-        copy["guidance_scale"] = float(guidance_scale)
+        try:
+            copy["guidance_scale"] = float(check_guidance_scale(guidance_scale))
+        except ValueError as e:
+            raise UserError(str(e)) from None
     return copy
 
 

@@ -29,7 +29,7 @@ class ConditionalUNet(UNet):
         """y: class labels; None (or null_class) for the unconditional branch of classifier-free guidance."""
         if y is None:
             y = torch.full_like(t, self.null_class)
-        return self.denoise(x, self.time_embedding(t) + self.class_embed(y))
+        return self.forward_with_embedding(x, self.time_embedding(t) + self.class_embed(y))
 
 
 def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int,
@@ -37,6 +37,13 @@ def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int,
     """Replace each label by the null class with probability p_uncond (the CFG training trick)."""
     drop = torch.rand(y.shape, device=y.device, generator=generator) < p_uncond
     return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+def check_guidance_scale(w: float) -> float:
+    """w itself; ValueError if negative (w < 0 would steer away from the class asked for)."""
+    if w < 0:
+        raise ValueError(f"--guidance_scale must not be negative, got {w}")
+    return w
 
 
 class GuidedModel:
@@ -48,7 +55,7 @@ class GuidedModel:
     """
 
     def __init__(self, model: nn.Module, guidance_scale: float, null_class: int):
-        self.model, self.w, self.null_class = model, guidance_scale, null_class
+        self.model, self.w, self.null_class = model, check_guidance_scale(guidance_scale), null_class
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.w == 0:

@@ -1,5 +1,7 @@
-"""The training configuration: every flag of train.py and train_conditional.py with its default, the
-named presets, the checks a command line must pass, and the model configuration a run builds."""
+"""The training configuration: every flag of train.py and train_conditional.py with its default and help,
+the named presets, the checks a command line must pass, and the model and process configurations a run
+builds. Defaults live in dataclasses (the maths modules' own for the network and the processes); the
+wording of the flags lives here, with the command line."""
 import argparse
 import copy
 import dataclasses
@@ -9,67 +11,106 @@ import typing
 from dataclasses import dataclass
 
 import edm
+from checkpoint import build_diffusion
 from cli import ArgumentParser, add_speed_args
-from ddpm_model import METHODS, DiffusionConfig, ModelConfig, check_schedule, option
-from metrics import MIN_SAMPLES
-from sampling import ALL_METHODS
+from conditional_ddpm import check_guidance_scale
+from ddpm_model import ACTIVATIONS, BETA_SCHEDULES, PREDICTIONS, DiffusionConfig, ModelConfig
+from ddpm_model import METHODS as DDPM_METHODS
+from edm import KarrasConfig
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     """The run, the optimiser and the run's length, checkpoints and evaluations."""
-    epochs: int = option(100)
-    batch_size: int = option(128, "the global batch (split among processes under torchrun)")
-    lr: float = option(2e-4, "peak learning rate (AdamW)")
-    device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
-    experiment_name: str | None = option(None, "default: a timestamped name")
-    output_dir: str = option("checkpoints")
-    data_dir: str = option("./data", "holds MNIST/raw/ (shipped with the repository)")
-    save_freq: int = option(10, "epochs between sample grids and last.pth")
-    eval_freq: int = option(5, "epochs between evaluations (best_model.pth)")
-    save_every_minutes: float = option(10.0, "also write last.pth after this much training time, mid-epoch too "
-                                             "(0: only at --save_freq)")
-    resume: str | None = option(None, "a last.pth to continue exactly", metavar="PATH")
-    seed: int = option(0)
-    ema_decay: float = option(0.9999, "with warm-up min(decay, (1+n)/(10+n))")
-    grad_clip: float = option(1.0, "max gradient norm; 0 disables")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(500, "linear LR warm-up, then cosine to 0 at the end of the last epoch or of --time_budget")
-    min_snr_gamma: float = option(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023); 0 is the plain loss")
-    max_steps: int | None = option(None, "stop after this many optimizer steps")
-    time_budget: float | None = option(None, "stop after this long", metavar="MINUTES")
-    log_every: int = option(50, "steps between loss reads (a host sync)")
-    eval_samples: int = option(1000, "samples per evaluation")
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 2e-4
+    device: str = "auto"
+    experiment_name: str | None = None
+    output_dir: str = "checkpoints"
+    data_dir: str = "./data"
+    save_freq: int = 10
+    eval_freq: int = 5
+    save_every_minutes: float = 10.0
+    resume: str | None = None
+    seed: int = 0
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    min_snr_gamma: float = 0.0
+    max_steps: int | None = None
+    time_budget: float | None = None
+    log_every: int = 50
+    eval_samples: int = 1000
 
 
 @dataclass(frozen=True)
 class FormulationConfig:
-    """Which diffusion the network learns: the discrete DDPM process, or a continuous-noise one of edm.py."""
-    formulation: str = option("ddpm", "ddpm: the process of --timesteps, --beta_schedule and --prediction; edm, flow: "
-                                      "continuous noise levels (edm.py)", choices=("ddpm",) + edm.FORMULATIONS)
-    sigma_data: float = option(0.5, "edm: the data's scale in its preconditioning")
-    p_mean: float = option(-1.2, "edm, flow: training noise levels ln(sigma) ~ N(p_mean, p_std^2)")
-    p_std: float = option(1.2, "edm, flow: see --p_mean")
-
+    formulation: str = "ddpm"
 
 
 @dataclass(frozen=True)
 class GridSamplerConfig:
-    """How the run's sample grids and evaluations sample (a sampling.Sampler once the model is known)."""
-    sample_method: str = option("dpm_solver", "sampler for grids and evaluation", choices=ALL_METHODS)
-    sample_steps: int = option(20, "its steps (ddpm uses all T)")
-    sample_eta: float = option(1.0, "its noise (ddim, dpm_solver): 0 the ODE, 1 the SDE")
+    """How the run's sample grids and evaluations sample (sampling.SamplerSettings once the model is known)."""
+    sample_method: str = "dpm_solver"
+    sample_steps: int | None = None
+    sample_eta: float | None = None
 
 
 @dataclass(frozen=True)
 class ConditioningConfig:
     """train_conditional.py only."""
-    num_classes: int = option(10)
-    p_uncond: float = option(0.1, "label dropout for classifier-free guidance")
-    guidance_scale: float = option(0.5, "w for sample grids and evaluation")
+    num_classes: int = 10
+    p_uncond: float = 0.1
+    guidance_scale: float = 0.5
 
 
-# A small model for machines without a GPU, the winner of sweep.py (docs/cpu_recipe.md): 9.5 minutes of
+FORMULATIONS = ("ddpm",) + edm.FORMULATIONS
+HELP = {
+    "batch_size": "the global batch (split among processes under torchrun)",
+    "lr": "peak learning rate (AdamW)",
+    "device": "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu",
+    "experiment_name": "default: a timestamped name",
+    "data_dir": "holds MNIST/raw/ (shipped with the repository)",
+    "save_freq": "epochs between sample grids and last.pth",
+    "eval_freq": "epochs between evaluations (best_model.pth)",
+    "save_every_minutes": "also write last.pth after this much training time, mid-epoch too (0: only at --save_freq)",
+    "resume": "a last.pth to continue exactly",
+    "ema_decay": "with warm-up min(decay, (1+n)/(10+n))",
+    "grad_clip": "max gradient norm; 0 disables",
+    "weight_decay": "AdamW weight decay",
+    "warmup_steps": "linear LR warm-up, then cosine to 0 at the end of the last epoch or of --time_budget",
+    "min_snr_gamma": "ddpm: Min-SNR-gamma loss weighting (Hang et al. 2023); 0 is the plain loss",
+    "max_steps": "stop after this many optimizer steps",
+    "time_budget": "stop after this long",
+    "log_every": "steps between loss reads (a host sync)",
+    "eval_samples": "samples per evaluation",
+    "model_channels": "width of the first level",
+    "channel_mult": "channel multiplier per resolution, comma-separated",
+    "num_res_blocks": "residual blocks per level",
+    "attention_resolutions": "feature-map sizes with self-attention; '' for none",
+    "image_size": "28 is native; larger even sizes pad the digits (32 to compare with 32x32-only models)",
+    "formulation": "ddpm: the discrete process of --timesteps, --beta_schedule and --prediction; edm, flow: "
+                   "continuous noise levels (edm.py) of --sigma_data, --p_mean and --p_std",
+    "timesteps": "ddpm: diffusion steps T",
+    "beta_schedule": "ddpm: the noise schedule",
+    "prediction": "ddpm: what the network predicts",
+    "sigma_data": "edm: the data's scale in its preconditioning",
+    "p_mean": "edm, flow: training noise levels ln(sigma) ~ N(p_mean, p_std^2)",
+    "p_std": "edm, flow: see --p_mean",
+    "sample_method": "sampler for grids and evaluations (ddpm, ddim, dpm_solver for --formulation ddpm; heun, "
+                     "dpm_solver, euler for edm and flow)",
+    "sample_steps": "its steps (default: the method's; ddpm takes all T)",
+    "sample_eta": "its injected noise (default: the method's)",
+    "p_uncond": "label dropout for classifier-free guidance",
+    "guidance_scale": "w for sample grids and evaluations",
+}
+CHOICES = {"activation": tuple(ACTIVATIONS), "beta_schedule": BETA_SCHEDULES, "prediction": PREDICTIONS,
+           "formulation": FORMULATIONS, "sample_method": tuple(dict.fromkeys(DDPM_METHODS + edm.METHODS))}
+METAVARS = {"resume": "PATH", "time_budget": "MINUTES"}
+
+# A small model for machines without a GPU, the winner of tools/sweep.py (docs/cpu_recipe.md): 9.5 minutes of
 # training, as many epochs as that allows, the learning rate annealed to the budget's end.
 PRESETS = {
     "cpu": dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
@@ -95,30 +136,32 @@ def flag_value(value) -> str:
 
 
 def add_fields(group, config_class) -> None:
-    """One flag per field of a configuration dataclass, with its type, default, choices and help."""
+    """One flag per field of a configuration dataclass, with its type, default, and the help and choices above."""
     for f in dataclasses.fields(config_class):
         kind = f.type
         if isinstance(kind, types.UnionType):  # X | None -> X
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         is_list = typing.get_origin(kind) is tuple  # argparse parses a string default as if typed: shown as typed
-        extra = {k: v for k, v in f.metadata.items() if k != "help"}
         group.add_argument(f"--{f.name}", type=int_list if is_list else kind,
-                           default=flag_value(f.default) if is_list else f.default,
-                           help=f.metadata.get("help") or None, **extra)
+                           default=flag_value(f.default) if is_list else f.default, help=HELP.get(f.name),
+                           choices=CHOICES.get(f.name), metavar=METAVARS.get(f.name))
 
 
 def build_parser(conditional: bool) -> argparse.ArgumentParser:
     kind = "a class-conditional" if conditional else "an unconditional"
-    p = ArgumentParser(description=f"Train {kind} DDPM on MNIST.")
+    p = ArgumentParser(description=f"Train {kind} diffusion model on MNIST.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named configuration; flags given on the command line override it. cpu: "
                         + " ".join(f"--{k} {flag_value(v) or repr('')}" for k, v in PRESETS["cpu"].items()))
-    groups = [("training", TrainingConfig), ("model", ModelConfig), ("diffusion", DiffusionConfig),
-              ("formulation", FormulationConfig), ("sample grids and evaluations", GridSamplerConfig)]
+    groups = [("training", [TrainingConfig]), ("model", [ModelConfig]),
+              ("diffusion", [FormulationConfig, DiffusionConfig, KarrasConfig]),
+              ("sample grids and evaluations", [GridSamplerConfig])]
     if conditional:
-        groups.append(("conditioning", ConditioningConfig))
-    for title, config_class in groups:
-        add_fields(p.add_argument_group(title), config_class)
+        groups.append(("conditioning", [ConditioningConfig]))
+    for title, config_classes in groups:
+        group = p.add_argument_group(title)
+        for config_class in config_classes:
+            add_fields(group, config_class)
     add_speed_args(p.add_argument_group("speed"), "the network (training step and sampling)")
     return p
 
@@ -147,46 +190,50 @@ def parse_args(argv, conditional: bool) -> tuple[argparse.Namespace, set]:
         if refused:
             parser.error(f"a resumed run keeps the configuration of its checkpoint; {' '.join('--' + n for n in refused)} "
                          f"cannot change (what may: {' '.join('--' + n for n in RESUME_OVERRIDES)})")
-    for name in ("epochs", "batch_size", "timesteps", "model_channels", "num_res_blocks", "save_freq",
-                 "eval_freq", "log_every", "sample_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "grad_clip", "weight_decay", "warmup_steps", "sample_eta", "min_snr_gamma",
-                 "save_every_minutes") + (("guidance_scale",) if conditional else ()):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
-    for name in ("dropout", "ema_decay"):
-        if not 0 <= getattr(args, name) < 1:
-            parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max_steps must be at least 1, got {args.max_steps}")
-    if args.time_budget is not None and args.time_budget <= 0:
-        parser.error(f"--time_budget must be positive, got {args.time_budget}")
-    if args.eval_samples < MIN_SAMPLES:
-        parser.error(f"--eval_samples must be at least {MIN_SAMPLES} (the metrics need that many), "
-                     f"got {args.eval_samples}")
-    if not args.channel_mult or min(args.channel_mult) < 1 or min(args.attention_resolutions, default=1) < 1:
-        parser.error("--channel_mult needs at least one level, and it and --attention_resolutions take positive "
-                     "integers")
-    if args.image_size < 28 or args.image_size % 2:
-        parser.error(f"--image_size must be an even number of at least 28, got {args.image_size}")
     try:
-        check_schedule(args.beta_schedule, args.timesteps)
+        check(args, conditional)
     except ValueError as e:
         parser.error(str(e))
-    methods = METHODS if args.formulation == "ddpm" else edm.METHODS
-    if args.sample_method not in methods:
-        parser.error(f"--sample_method {args.sample_method} is not a sampler of --formulation {args.formulation} "
-                     f"({', '.join(methods)})")
-    if args.formulation != "ddpm" and args.min_snr_gamma:
-        parser.error("--min_snr_gamma weights the ddpm loss; edm and flow have their own weighting")
-    if args.formulation == "ddpm" and args.sample_method != "ddpm" and args.sample_steps > args.timesteps:
-        parser.error(f"--sample_steps {args.sample_steps} is more than the {args.timesteps} --timesteps")
-    if conditional and args.num_classes < MNIST_CLASSES:
-        parser.error(f"--num_classes must be at least {MNIST_CLASSES}: MNIST has labels 0-9, got {args.num_classes}")
-    if conditional and not 0 <= args.p_uncond <= 1:
-        parser.error(f"--p_uncond must be in [0, 1], got {args.p_uncond}")
     return args, given
+
+
+def check(args, conditional: bool) -> None:
+    """ValueError naming the first flag out of range."""
+    for name in ("epochs", "batch_size", "timesteps", "model_channels", "num_res_blocks", "save_freq",
+                 "eval_freq", "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "grad_clip", "weight_decay", "warmup_steps", "min_snr_gamma", "save_every_minutes"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
+    for name in ("dropout", "ema_decay"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max_steps must be at least 1, got {args.max_steps}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise ValueError(f"--time_budget must be positive, got {args.time_budget}")
+    if not args.channel_mult or min(args.channel_mult) < 1 or min(args.attention_resolutions, default=1) < 1:
+        raise ValueError("--channel_mult needs at least one level, and it and --attention_resolutions take positive "
+                         "integers")
+    if args.image_size < 28 or args.image_size % 2:
+        raise ValueError(f"--image_size must be an even number of at least 28, got {args.image_size}")
+    if args.formulation != "ddpm" and args.min_snr_gamma:
+        raise ValueError("--min_snr_gamma weights the ddpm loss; edm and flow carry their own weighting")
+    process = build_diffusion(diffusion_config(args))  # checks the process's own flags
+    try:
+        process.sampler_steps(args.sample_method, args.sample_steps)
+    except ValueError as e:
+        raise ValueError(f"--sample_method {args.sample_method} --sample_steps {args.sample_steps}: {e}") from None
+    if args.sample_eta is not None and args.sample_eta < 0:
+        raise ValueError(f"--sample_eta must not be negative, got {args.sample_eta}")
+    if conditional:
+        check_guidance_scale(args.guidance_scale)
+        if args.num_classes < MNIST_CLASSES:
+            raise ValueError(f"--num_classes must be at least {MNIST_CLASSES}: MNIST has labels 0-9, got "
+                             f"{args.num_classes}")
+        if not 0 <= args.p_uncond <= 1:
+            raise ValueError(f"--p_uncond must be in [0, 1], got {args.p_uncond}")
 
 
 def values(args, config_class) -> dict:
@@ -195,10 +242,10 @@ def values(args, config_class) -> dict:
 
 
 def diffusion_config(args) -> dict:
-    """The keyword arguments of the run's process: GaussianDiffusion's, or KarrasDiffusion's."""
+    """The keyword arguments of the run's process: GaussianDiffusion's (ddpm), else KarrasDiffusion's."""
     if args.formulation == "ddpm":
         return values(args, DiffusionConfig)
-    return values(args, FormulationConfig)
+    return dict(formulation=args.formulation, **values(args, KarrasConfig))
 
 
 def model_config(args) -> dict:

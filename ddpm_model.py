@@ -7,42 +7,52 @@ closed-form oracles in the tests.
 """
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 PREDICTIONS = ("eps", "x0", "v")
 BETA_SCHEDULES = ("linear", "cosine")
-SPACINGS = ("uniform", "leading", "trailing", "logsnr")
-METHODS = ("ddpm", "ddim", "dpm_solver")
 
 
-def option(default, help: str = "", **flag):
-    """A configuration field: its default, and the help (and choices) of the command-line flag made from it."""
-    return field(default=default, metadata=dict(help=help, **flag))
+class SamplerDefaults(NamedTuple):
+    """What a sampler does unless told otherwise: its steps (None: all T) and its injected noise eta."""
+    steps: int | None
+    eta: float
+    spacing: str | None = None  # of the timesteps, for select_timesteps
+
+
+# The samplers of the discrete process. DDIM's eta 0 is the deterministic sampler of its paper; DPM-Solver++
+# runs as its SDE (eta 1), the best per network call here (docs/samplers.md), on log-SNR spaced steps, since
+# its second-order steps go unstable on the uneven log-SNR gaps of uniform spacing.
+SAMPLERS = {"ddpm": SamplerDefaults(None, 1.0), "ddim": SamplerDefaults(50, 0.0, "uniform"),
+            "dpm_solver": SamplerDefaults(20, 1.0, "logsnr")}
+METHODS = tuple(SAMPLERS)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The U-Net's shape: UNet's defaults, and the model flags of train.py."""
-    model_channels: int = option(128, "width of the first level")
-    channel_mult: tuple[int, ...] = option((1, 2, 2, 2), "channel multiplier per resolution, comma-separated")
-    num_res_blocks: int = option(2, "residual blocks per level")
-    attention_resolutions: tuple[int, ...] = option((14,), "feature-map sizes with self-attention; '' for none")
-    dropout: float = option(0.1)
-    activation: str = option("relu", choices=tuple(ACTIVATIONS))
-    image_size: int = option(28, "28 is native; larger even sizes pad the digits (32 to compare with 32x32-only models)")
+    """The U-Net's shape: UNet's keyword arguments and their defaults, the documented 35.7M network."""
+    model_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (14,)
+    dropout: float = 0.1
+    activation: str = "relu"
+    image_size: int = 28
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The diffusion process: GaussianDiffusion's defaults, and the diffusion flags of train.py."""
-    timesteps: int = option(1000, "diffusion steps T")
-    beta_schedule: str = option("linear", choices=BETA_SCHEDULES)
-    prediction: str = option("eps", "what the network predicts", choices=PREDICTIONS)
+    """The discrete diffusion process: GaussianDiffusion's keyword arguments and their defaults."""
+    timesteps: int = 1000
+    beta_schedule: str = "linear"
+    prediction: str = "eps"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,12 +201,12 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.denoise(x, self.time_embedding(t))
+        return self.forward_with_embedding(x, self.time_embedding(t))
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         return self.time_mlp(timestep_embedding(t, self.model_channels))
 
-    def denoise(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward_with_embedding(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """The network proper; `emb` is the embedding every residual block sees (time, and class if any)."""
         h = self.input_conv(x)
         skips = [h]
@@ -243,6 +253,26 @@ def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)
 
 
+def run_sampler(loop, steps: int, method: str, start: tuple, progress: bool, return_intermediates: bool, view=None):
+    """Drive a sampler, a generator of (t, x) after each step, from `start` = (t, x): its progress bar, and
+    the trajectory [(t, view(t, x)), ...] (view: how to show a state; default as it is) when asked."""
+    trajectory, x = [start], start[1]
+    if progress:
+        loop = tqdm(loop, total=steps, desc=f"sampling ({method})", leave=False)
+    for t, x in loop:
+        if return_intermediates:
+            trajectory.append((t, x if view is None else view(t, x)))
+    return (x, trajectory) if return_intermediates else x
+
+
+def resolve_eta(method: str, samplers: dict, eta: float | None) -> float:
+    """`eta`, or the sampler's default; ValueError if negative."""
+    eta = samplers[method].eta if eta is None else eta
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    return eta
+
+
 def make_generator(seed_or_generator, device) -> torch.Generator | None:
     """A torch.Generator on `device` from a seed, or the generator itself, or None (global RNG)."""
     if seed_or_generator is None or isinstance(seed_or_generator, torch.Generator):
@@ -253,30 +283,23 @@ def make_generator(seed_or_generator, device) -> torch.Generator | None:
 def select_timesteps(timesteps: int, steps: int, spacing: str = "uniform", alphas_cumprod=None) -> list:
     """`steps` decreasing timesteps out of 0..T-1 for the few-step samplers.
 
-    uniform: evenly spaced from T-1 to 0 inclusive; leading: 0, k, 2k, ... (the DDIM paper);
-    trailing: T-1, T-1-k, ... (Lin et al. 2024); logsnr: evenly spaced in log-SNR between T-1 and 0
+    uniform: evenly spaced from T-1 to 0 inclusive; logsnr: evenly spaced in log-SNR between T-1 and 0
     (Lu et al. 2022), which puts more steps at low noise, where small images get their detail.
     """
     if not 1 <= steps <= timesteps:
         raise ValueError(f"steps must be between 1 and {timesteps}, got {steps}")
     if spacing == "uniform":
-        ts = torch.linspace(timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-    elif spacing == "leading":
-        ts = list(range(0, timesteps, timesteps // steps))[:steps][::-1]
-    elif spacing == "trailing":
-        ts = [round(timesteps - 1 - i * timesteps / steps) for i in range(steps)]
-    elif spacing == "logsnr":
-        log_snr = torch.log(alphas_cumprod.double() / (1 - alphas_cumprod.double())).cpu()  # decreasing in t
-        targets = torch.linspace(log_snr[-1].item(), log_snr[0].item(), steps, dtype=torch.float64)
-        ts = torch.searchsorted(-log_snr, -targets).clamp(max=timesteps - 1).tolist()
-        # Make them distinct where log-SNR is steep: strictly decreasing from the top, and never below
-        # the room the remaining steps need at the bottom (the max of two decreasing sequences decreases).
-        for i in range(1, steps):
-            ts[i] = min(ts[i], ts[i - 1] - 1)
-        ts = [max(t, steps - 1 - i) for i, t in enumerate(ts)]
-    else:
-        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    return ts
+        return torch.linspace(timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    if spacing != "logsnr":
+        raise ValueError(f"spacing must be uniform or logsnr, got {spacing!r}")
+    log_snr = torch.log(alphas_cumprod.double() / (1 - alphas_cumprod.double())).cpu()  # decreasing in t
+    targets = torch.linspace(log_snr[-1].item(), log_snr[0].item(), steps, dtype=torch.float64)
+    ts = torch.searchsorted(-log_snr, -targets).clamp(max=timesteps - 1).tolist()
+    # Make them distinct where log-SNR is steep: strictly decreasing from the top, and never below
+    # the room the remaining steps need at the bottom (the max of two decreasing sequences decreases).
+    for i in range(1, steps):
+        ts[i] = min(ts[i], ts[i - 1] - 1)
+    return [max(t, steps - 1 - i) for i, t in enumerate(ts)]
 
 
 class GaussianDiffusion(nn.Module):
@@ -284,6 +307,8 @@ class GaussianDiffusion(nn.Module):
 
     A module only so that `.to(device)` moves the schedule tensors with it; it has no parameters.
     """
+
+    SAMPLERS = SAMPLERS
 
     def __init__(self, timesteps: int = DiffusionConfig.timesteps, beta_schedule: str = DiffusionConfig.beta_schedule,
                  prediction: str = DiffusionConfig.prediction):
@@ -296,13 +321,9 @@ class GaussianDiffusion(nn.Module):
         alphas = 1 - betas
         ac = torch.cumprod(alphas, 0)
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-        posterior_var = betas * (1 - ac_prev) / (1 - ac)
         schedule = dict(
-            betas=betas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
-            sqrt_ac=ac.sqrt(), sqrt_one_minus_ac=(1 - ac).sqrt(),
-            posterior_variance=posterior_var,
-            # var is 0 at t=0; the log uses the t=1 value there, as in Ho et al.'s code.
-            posterior_log_variance=torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]])),
+            betas=betas, alphas_cumprod=ac, sqrt_ac=ac.sqrt(), sqrt_one_minus_ac=(1 - ac).sqrt(),
+            posterior_variance=betas * (1 - ac_prev) / (1 - ac),
             posterior_mean_coef_x0=betas * ac_prev.sqrt() / (1 - ac),
             posterior_mean_coef_xt=(1 - ac_prev) * alphas.sqrt() / (1 - ac),
         )
@@ -376,7 +397,7 @@ class GaussianDiffusion(nn.Module):
     # the progress bar and the intermediates.
     # ------------------------------------------------------------------------------------------
 
-    def _denoise(self, model, x, t_int, model_kwargs, clip_denoised):
+    def _eps_and_x0(self, model, x, t_int, model_kwargs, clip_denoised):
         t = torch.full((x.shape[0],), t_int, device=x.device, dtype=torch.long)
         eps, x0 = self.predict_eps_x0(model(x, t, **model_kwargs).to(x.dtype), x, t)
         if clip_denoised:
@@ -384,10 +405,10 @@ class GaussianDiffusion(nn.Module):
             eps = (x - self._at(self.sqrt_ac, t, x) * x0) / self._at(self.sqrt_one_minus_ac, t, x)
         return t, eps, x0
 
-    def _ddpm_steps(self, model, x, model_kwargs, generator, clip_denoised, **_):
+    def _ddpm_steps(self, model, x, model_kwargs, generator, clip_denoised, steps, eta, spacing):
         """Ancestral sampling over all T steps with the posterior variance (beta tilde)."""
         for t_int in reversed(range(self.timesteps)):
-            t, _, x0 = self._denoise(model, x, t_int, model_kwargs, clip_denoised)
+            t, _, x0 = self._eps_and_x0(model, x, t_int, model_kwargs, clip_denoised)
             mean, var = self.posterior_mean_variance(x0, x, t)
             if t_int > 0:
                 x = mean + var.sqrt() * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
@@ -395,12 +416,11 @@ class GaussianDiffusion(nn.Module):
                 x = mean
             yield t_int, x
 
-    def _ddim_steps(self, model, x, model_kwargs, generator, clip_denoised, steps=50, eta=0.0,
-                    spacing="uniform", **_):
+    def _ddim_steps(self, model, x, model_kwargs, generator, clip_denoised, steps, eta, spacing):
         """DDIM (Song et al. 2021): eta=0 is deterministic, eta=1 matches DDPM's variance."""
         ts = select_timesteps(self.timesteps, steps, spacing, self.alphas_cumprod)
         for i, t_int in enumerate(ts):
-            t, eps, x0 = self._denoise(model, x, t_int, model_kwargs, clip_denoised)
+            t, eps, x0 = self._eps_and_x0(model, x, t_int, model_kwargs, clip_denoised)
             ac = self.alphas_cumprod[t_int]
             ac_prev = self.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(ac)
             sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt()
@@ -409,8 +429,7 @@ class GaussianDiffusion(nn.Module):
                 x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
             yield t_int, x
 
-    def _dpm_solver_steps(self, model, x, model_kwargs, generator, clip_denoised, steps=20, eta=0.0,
-                          spacing="uniform", **_):
+    def _dpm_solver_steps(self, model, x, model_kwargs, generator, clip_denoised, steps, eta, spacing):
         """DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in log-SNR on x0 predictions.
 
         eta=0 solves the probability-flow ODE; eta=1 is SDE-DPM-Solver++(2M), the same step on the
@@ -422,7 +441,7 @@ class GaussianDiffusion(nn.Module):
         lam = lambda t_int: 0.5 * (torch.log(ac[t_int]) - torch.log1p(-ac[t_int]))  # log(alpha/sigma)
         prev_x0, prev_h = None, None
         for i, t_int in enumerate(ts):
-            _, _, x0 = self._denoise(model, x, t_int, model_kwargs, clip_denoised)
+            _, _, x0 = self._eps_and_x0(model, x, t_int, model_kwargs, clip_denoised)
             if i + 1 == len(ts):
                 x = x0
             else:
@@ -439,37 +458,36 @@ class GaussianDiffusion(nn.Module):
                 prev_x0, prev_h = x0, h
             yield t_int, x
 
+    def sampler_steps(self, method: str, steps: int | None = None) -> int:
+        """The steps `method` takes: `steps`, or its default; ddpm always takes all T. ValueError if out of range."""
+        if method not in SAMPLERS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "ddpm":
+            if steps not in (None, self.timesteps):
+                raise ValueError(f"ddpm takes all of the model's {self.timesteps} steps, not {steps}")
+            return self.timesteps
+        steps = SAMPLERS[method].steps if steps is None else steps
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f"steps must be between 1 and the model's {self.timesteps} timesteps, got {steps}")
+        return steps
+
     @torch.no_grad()
     def sample(self, model: Callable, shape: Sequence[int], method: str = "ddpm", steps: int | None = None,
-               eta: float = 0.0, spacing: str | None = None, model_kwargs: dict | None = None,
+               eta: float | None = None, spacing: str | None = None, model_kwargs: dict | None = None,
                generator=None, x_T: torch.Tensor | None = None, clip_denoised: bool = True,
                progress: bool = False, return_intermediates: bool = False, device=None):
-        """Draw samples with `method` in METHODS.
+        """Draw samples with `method` in METHODS; steps, eta and spacing default to its SAMPLERS entry.
 
         generator: a seed or a torch.Generator (on the sampling device) for reproducible samples.
-        steps: network evaluations for ddim (default 50) and dpm_solver (default 20); ddpm uses all T.
-        spacing: of the few-step samplers' timesteps (SPACINGS); default uniform for ddim, logsnr for
-            dpm_solver, whose second-order steps go unstable on the uneven log-SNR gaps of uniform spacing.
+        steps: network evaluations of ddim and dpm_solver; ddpm takes all T.
+        spacing: of the few-step samplers' timesteps, uniform or logsnr (select_timesteps).
         Returns x_0, or (x_0, [(t, x_t), ...]) over every step when return_intermediates is set.
         """
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        steps, eta = self.sampler_steps(method, steps), resolve_eta(method, SAMPLERS, eta)
         device = device or self.betas.device
         generator = make_generator(generator, device)
         x = x_T if x_T is not None else torch.randn(tuple(shape), device=device, generator=generator)
         step_fns = {"ddpm": self._ddpm_steps, "ddim": self._ddim_steps, "dpm_solver": self._dpm_solver_steps}
-        kwargs = dict(eta=eta, spacing=spacing or ("logsnr" if method == "dpm_solver" else "uniform"))
-        if steps is not None:
-            kwargs["steps"] = steps
-        loop = step_fns[method](model, x, model_kwargs or {}, generator, clip_denoised, **kwargs)
-        total = self.timesteps if method == "ddpm" else (steps or (50 if method == "ddim" else 20))
-        intermediates = [(self.timesteps, x)]
-        if progress:
-            from tqdm.auto import tqdm
-            loop = tqdm(loop, total=total, desc=f"sampling ({method})", leave=False)
-        for t_int, x in loop:
-            if return_intermediates:
-                intermediates.append((t_int, x))
-        return (x, intermediates) if return_intermediates else x
+        loop = step_fns[method](model, x, model_kwargs or {}, generator, clip_denoised, steps, eta,
+                                spacing or SAMPLERS[method].spacing)
+        return run_sampler(loop, steps, method, (self.timesteps, x), progress, return_intermediates)

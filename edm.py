@@ -17,16 +17,30 @@ In both the loss is the plain MSE between F and its target (x0 - c_skip x) / c_o
 """
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ddpm_model import make_generator
+from ddpm_model import SamplerDefaults, make_generator, resolve_eta, run_sampler
 
 FORMULATIONS = ("edm", "flow")
-METHODS = ("heun", "dpm_solver", "euler")
+# Heun's steps are noise levels (2 steps - 1 network calls, EDM's 18 levels = 35 calls); the others' are calls.
+SAMPLERS = {"heun": SamplerDefaults(18, 0.0), "dpm_solver": SamplerDefaults(20, 1.0), "euler": SamplerDefaults(50, 0.0)}
+METHODS = tuple(SAMPLERS)
+MAX_STEPS = 1000
 RHO = 7.0  # the sampling grid is uniform in sigma^(1/rho), EDM's choice: more steps at low noise
 CHURN_RANGE = (0.05, 50.0)  # noise levels where heun's churn adds noise (EDM's S_tmin, S_tmax)
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # the ends of the sampling grid (EDM's)
+
+
+@dataclass(frozen=True)
+class KarrasConfig:
+    """The training side of a continuous formulation: KarrasDiffusion's keyword arguments besides the
+    formulation, and their defaults (EDM's for CIFAR-10)."""
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = RHO) -> list:
@@ -106,8 +120,11 @@ class KarrasDiffusion(nn.Module):
     A module, like GaussianDiffusion, so that both move with `.to(device)`; it has no parameters or buffers.
     """
 
-    def __init__(self, formulation: str = "edm", sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0):
+    SAMPLERS = SAMPLERS
+
+    def __init__(self, formulation: str = "edm", sigma_data: float = KarrasConfig.sigma_data,
+                 p_mean: float = KarrasConfig.p_mean, p_std: float = KarrasConfig.p_std, sigma_min: float = SIGMA_MIN,
+                 sigma_max: float = SIGMA_MAX):
         super().__init__()
         if formulation not in FORMULATIONS:
             raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
@@ -154,22 +171,29 @@ class KarrasDiffusion(nn.Module):
         target = (x0 - c_skip * x) / c_out
         return (out.float() - target.float()).square().flatten(1).mean(1).mean()
 
+    def sampler_steps(self, method: str, steps: int | None = None) -> int:
+        """The steps `method` takes: `steps`, or its default. ValueError if out of range."""
+        if method not in SAMPLERS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        steps = SAMPLERS[method].steps if steps is None else steps
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+        return steps
+
     @torch.no_grad()
-    def sample(self, model: Callable, shape: Sequence[int], method: str = "heun", steps: int = 18, eta: float = 0.0,
-               model_kwargs: dict | None = None, generator=None, x_T: torch.Tensor | None = None,
-               clip_denoised: bool = True, progress: bool = False, return_intermediates: bool = False, device=None):
-        """Draw samples with `method` in METHODS over `steps` noise levels of the Karras grid (heun makes
-        2 steps - 1 network calls, the others `steps`).
+    def sample(self, model: Callable, shape: Sequence[int], method: str = "heun", steps: int | None = None,
+               eta: float | None = None, model_kwargs: dict | None = None, generator=None,
+               x_T: torch.Tensor | None = None, clip_denoised: bool = True, progress: bool = False,
+               return_intermediates: bool = False, device=None):
+        """Draw samples with `method` in METHODS over `steps` noise levels of the Karras grid; steps and
+        eta default to its SAMPLERS entry.
 
         x_T: unit Gaussian noise (scaled to sigma_max here); generator: a seed or a torch.Generator.
         clip_denoised clamps every denoised estimate to the data range [-1, 1].
         Returns x_0, or (x_0, [(sigma, x / sqrt(1 + sigma^2)), ...]) with return_intermediates: the
         states scaled as a variance-preserving process would hold them, so they can be shown alike.
         """
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        steps, eta = self.sampler_steps(method, steps), resolve_eta(method, SAMPLERS, eta)
         device = device or torch.device("cpu")
         generator = make_generator(generator, device)
         noise = x_T if x_T is not None else torch.randn(tuple(shape), device=device, generator=generator)
@@ -182,11 +206,5 @@ class KarrasDiffusion(nn.Module):
 
         sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max)
         loop = STEP_FUNCTIONS[method](denoise, x, sigmas, generator, eta)
-        intermediates = [(self.sigma_max, noise)]
-        if progress:
-            from tqdm.auto import tqdm
-            loop = tqdm(loop, total=steps, desc=f"sampling ({method})", leave=False)
-        for sigma, x in loop:
-            if return_intermediates:
-                intermediates.append((sigma, x / math.sqrt(1 + sigma ** 2)))
-        return (x, intermediates) if return_intermediates else x
+        return run_sampler(loop, steps, method, (self.sigma_max, noise), progress, return_intermediates,
+                           view=lambda sigma, x: x / math.sqrt(1 + sigma ** 2))

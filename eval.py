@@ -26,7 +26,7 @@ import fileio
 import utils
 from cli import ArgumentParser, UserError, check_output_dir, guarded
 from data import to_uint8
-from metrics import MIN_SAMPLES, Evaluator
+from metrics import Evaluator, check_sample_count
 from runtime import pick_device
 from sampling import add_sampling_args, default_labels, generate, load_model
 
@@ -101,7 +101,9 @@ def load_samples(path: str):
                 raise UserError(f"{f}: not a readable PNG ({e})") from None
         if len({a.shape for a in arrays}) > 1:
             raise UserError(f"{path}: the PNGs differ in size")
-        return check_count(to_uint8_images(np.stack(arrays), path), path), None
+        images = to_uint8_images(np.stack(arrays), path)
+        check_sample_count(len(images), path)
+        return images, None
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file or folder")
     try:
@@ -111,7 +113,8 @@ def load_samples(path: str):
             images, labels = f["images"], f["labels"] if "labels" in f.files else None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable npz ({str(e) or type(e).__name__})") from None
-    images = check_count(to_uint8_images(images, path), path)
+    images = to_uint8_images(images, path)
+    check_sample_count(len(images), path)
     if labels is not None:
         labels = torch.as_tensor(labels).long()
         if labels.shape != (len(images),):
@@ -119,12 +122,6 @@ def load_samples(path: str):
         if labels.min() < 0 or labels.max() >= 10:
             raise UserError(f"{path}: labels must be MNIST digits 0-9, found {labels.min()}..{labels.max()}")
     return images, labels
-
-
-def check_count(images: torch.Tensor, source: str) -> torch.Tensor:
-    if len(images) < MIN_SAMPLES:
-        raise UserError(f"{source}: {len(images)} images; the metrics need at least {MIN_SAMPLES}")
-    return images
 
 
 def format_value(v) -> str:
@@ -156,8 +153,7 @@ def main(argv=None):
     if len(sources) > 1 or (args.model_path and args.pretrained):
         raise UserError("give one of --model_path, --pretrained, --samples or --real")
     from_model = not (args.samples or args.real)
-    if args.num_samples < MIN_SAMPLES:
-        raise UserError(f"--num_samples must be at least {MIN_SAMPLES} (the metrics need that many), got {args.num_samples}")
+    check_sample_count(args.num_samples, "--num_samples")
     settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), source=args.samples)
     labels, generation_seconds = None, 0.0
     if from_model:  # every input is checked before the evaluator's setup
@@ -176,7 +172,8 @@ def main(argv=None):
         raise UserError(str(e)) from None
     if from_model:
         sampler = loaded.samplers[args.method]
-        settings.update(source=loaded.model_path, **dataclasses.asdict(sampler), seed=args.seed,
+        settings.update(source=loaded.model_path, **dataclasses.asdict(sampler), sampler=sampler.describe(),
+                        network_calls=sampler.network_calls, formulation=loaded.formulation, seed=args.seed,
                         batch_size=loaded.batch_size, ema=not args.no_ema, step=loaded.ckpt["step"], amp=args.amp)
         if not loaded.conditional:
             settings["guidance_scale"] = None

@@ -85,12 +85,3 @@ def read_checksums(path: str) -> dict:
         return {}
     with open(path) as f:
         return {name.lstrip("*"): digest for digest, name in (line.split() for line in f if line.strip())}
-
-
-def load_rows(table: str) -> tuple:
-    """(path, rows) of the JSON that sits beside a generated Markdown table (x.md -> x.json); no rows yet: []."""
-    path = os.path.splitext(table)[0] + ".json"
-    if not os.path.isfile(path):
-        return path, []
-    with open(path) as f:
-        return path, json.load(f)["rows"]

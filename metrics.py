@@ -9,19 +9,25 @@ Conventions follow the standard tools so that numbers are comparable:
 - IS: exp(E_x KL(p(y|x) || p(y))) averaged over 10 splits.
 - Precision/recall: Kynkäänniemi et al. 2019, k-th nearest-neighbour balls, k=3.
 """
+import hashlib
 import importlib.util
 import json
 import os
 import pickle
 import sys
+import time
 import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from scipy import linalg
+from tqdm.auto import tqdm
 
+from cli import UserError
+from data import load_mnist
 from fileio import WriteError, save_npz, write_json
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -66,6 +72,12 @@ def inception_score(probs: np.ndarray, splits: int = 10):
 
 PR_NEIGHBOURS = 3  # k of precision/recall
 MIN_SAMPLES = 10  # fewer images give no meaningful FID, IS or k-th neighbour
+
+
+def check_sample_count(n: int, what: str) -> None:
+    """UserError unless `n` images are enough for the metrics; `what` names where the count came from."""
+    if n < MIN_SAMPLES:
+        raise UserError(f"{what}: {n} images, but the metrics need at least {MIN_SAMPLES}")
 
 
 def kth_neighbour_radius(feats: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
@@ -122,7 +134,8 @@ def nearest_train_distance(images: torch.Tensor, train: torch.Tensor, max_images
 # ----------------------------------------------------------------------------- the MNIST classifier
 
 class MnistClassifier(nn.Module):
-    """A small CNN (about 99.3% test accuracy); its 128-d penultimate layer is the MNIST feature space."""
+    """A small CNN (its test accuracy is in assets/mnist_classifier.json); its 128-d penultimate layer is the
+    MNIST feature space."""
 
     def __init__(self):
         super().__init__()
@@ -179,24 +192,28 @@ def load_inception(device="cpu"):
     return torch.jit.load(path, map_location=device).eval().to(memory_format=torch.channels_last)
 
 
+def inception_batches(images: torch.Tensor, batch_size: int, device, progress: bool, desc: str):
+    """uint8 [N, 28, 28] in batches of [B, 3, 299, 299] in [0, 1], channels-last: replicated to 3 channels and
+    resized bilinearly, as pytorch-fid prepares images for its Inception networks."""
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
+        x = images[start:start + batch_size].to(device).float().unsqueeze(1).expand(-1, 3, -1, -1) / 255
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        yield x.contiguous(memory_format=torch.channels_last)
+
+
 @torch.inference_mode()
 def inception_features(net, images: torch.Tensor, batch_size: int = 50, device="cpu", progress: bool = False):
     """uint8 [N, 28, 28] -> pool3 features [N, 2048] (float64 numpy)."""
-    from tqdm.auto import tqdm
     out = []
-    for start in tqdm(range(0, len(images), batch_size), desc="Inception features", disable=not progress):
-        x = images[start:start + batch_size].to(device).float().unsqueeze(1).expand(-1, 3, -1, -1) / 255
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # as pytorch-fid
-        x = x * (255 / 128) - 1  # the TF network's input range: pixel / 128 - 1
-        f = net(x.contiguous(memory_format=torch.channels_last))
+    for x in inception_batches(images, batch_size, device, progress, "Inception features"):
+        f = net(x * (255 / 128) - 1)  # the TF network's input range: pixel / 128 - 1
         out.append(f.reshape(f.shape[0], -1).double().cpu())
     return torch.cat(out).numpy()
 
 
 def fid_inception_classifier() -> nn.Module:
     """The architecture of pytorch-fid's FID Inception with its classifier head, untrained."""
-    import torchvision
-    try:
+    try:  # pytorch-fid is a test requirement; only --inception_logits needs it
         from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
     except ImportError:
         raise ValueError("the Inception Score needs pytorch-fid's network definition: pip install pytorch-fid") from None
@@ -225,14 +242,10 @@ def load_inception_classifier(path: str, device="cpu") -> nn.Module:
 
 @torch.inference_mode()
 def inception_probabilities(net, images: torch.Tensor, batch_size: int = 50, device="cpu", progress: bool = False):
-    """uint8 [N, 28, 28] -> softmax over the classifier's classes [N, C], preprocessed as pytorch-fid
-    does for this network: 3 channels, bilinear to 299x299, [0, 1] scaled to [-1, 1]."""
-    from tqdm.auto import tqdm
-    out = []
-    for start in tqdm(range(0, len(images), batch_size), desc="Inception Score", disable=not progress):
-        x = images[start:start + batch_size].to(device).float().unsqueeze(1).expand(-1, 3, -1, -1) / 255
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        out.append(net((2 * x - 1).contiguous(memory_format=torch.channels_last)).double().softmax(dim=1).cpu())
+    """uint8 [N, 28, 28] -> softmax over the classifier's classes [N, C], its input scaled as pytorch-fid does
+    for this network: [0, 1] to [-1, 1]."""
+    out = [net(2 * x - 1).double().softmax(dim=1).cpu()
+           for x in inception_batches(images, batch_size, device, progress, "Inception Score")]
     return torch.cat(out).numpy()
 
 
@@ -242,7 +255,6 @@ INCEPTION_REFERENCE_SIZE = 10_000  # train images behind the Inception reference
 
 
 def _sha256(t: torch.Tensor) -> str:
-    import hashlib
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
@@ -257,7 +269,6 @@ class Evaluator:
                  train_images: torch.Tensor | None = None, inception_logits: str | None = None):
         """train_images: the uint8 train split, when the caller holds it already (no second copy).
         inception_logits: pytorch-fid's FID Inception weights with their classifier, for the Inception Score."""
-        from data import load_mnist
         self.device, self.progress = torch.device(device), progress
         self.cache_dir = os.path.join(data_dir, "cache")
         self.train_images = load_mnist(data_dir, train=True)[0] if train_images is None else train_images
@@ -318,9 +329,7 @@ class Evaluator:
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor | None = None, inception: bool = True,
                  sample_stats: bool = True) -> dict:
         """Every metric for one image set: {"metrics", "unavailable", "seconds", "details"}."""
-        import time
-        if len(images) < MIN_SAMPLES:
-            raise ValueError(f"{len(images)} images; the metrics need at least {MIN_SAMPLES}")
+        check_sample_count(len(images), "the set to score")
         metrics, unavailable, seconds, details = {}, {}, {}, {}
 
         start = time.perf_counter()

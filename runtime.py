@@ -1,7 +1,6 @@
 """Where and in which precision the networks run: the device --device names and the autocast dtype --amp
 asks for on it."""
 import contextlib
-import platform
 
 import torch
 
@@ -54,11 +53,3 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
 def autocast(device: torch.device, amp: str = "auto"):
     dtype = amp_dtype(device, amp)
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()

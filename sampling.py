@@ -11,52 +11,49 @@ from tqdm.auto import tqdm
 import edm
 from checkpoint import PRETRAINED, default_guidance, load_checkpoint, model_from_checkpoint, pretrained_path
 from cli import UserError, add_speed_args
-from conditional_ddpm import ConditionalUNet, GuidedModel
-from ddpm_model import METHODS, GaussianDiffusion, make_generator
+from conditional_ddpm import ConditionalUNet, GuidedModel, check_guidance_scale
+from ddpm_model import METHODS, GaussianDiffusion, make_generator, resolve_eta
 from runtime import amp_dtype, autocast, pick_device
 
-DEFAULT_STEPS = {"ddim": 50, "dpm_solver": 20, "heun": 18, "euler": 50}  # ddpm always takes all T
 ALL_METHODS = tuple(dict.fromkeys(METHODS + edm.METHODS))
-MAX_CONTINUOUS_STEPS = 1000
 
 
 @dataclass(frozen=True)
-class Sampler:
-    """One way to sample, complete: the method, its network-call steps (all T for ddpm), its noise eta
-    (0: deterministic, the ODE; 1: DDPM-like, the SDE) and the classifier-free guidance scale."""
-    method: str = "dpm_solver"
-    steps: int = DEFAULT_STEPS["dpm_solver"]
-    eta: float = 1.0
+class SamplerSettings:
+    """How to sample, complete: the method, its steps (all T for ddpm; noise levels for heun, network calls
+    for the others), its injected noise eta (0: deterministic) and the classifier-free guidance scale."""
+    method: str
+    steps: int
+    eta: float
     guidance_scale: float = 0.0
 
+    @property
+    def network_calls(self) -> int:
+        """Per image: heun's second-order steps call the network twice but for the last; guidance doubles it."""
+        calls = 2 * self.steps - 1 if self.method == "heun" else self.steps
+        return calls * (2 if self.guidance_scale else 1)
+
     def describe(self) -> str:
-        guidance = f", w={self.guidance_scale:g}" if self.guidance_scale else ""
-        return f"{self.method}, {self.steps} steps, eta={self.eta:g}{guidance}"
+        noise = "" if self.method == "ddpm" else f", eta {self.eta:g}"
+        guidance = f", w {self.guidance_scale:g}" if self.guidance_scale else ""
+        return f"{self.method}, {self.steps} steps{noise}{guidance}"
 
 
-def make_sampler(method: str, diffusion, steps: int | None = None, eta: float | None = None,
-                 guidance_scale: float = 0.0) -> Sampler:
-    """A checked Sampler for `diffusion` with the defaults filled in: steps from DEFAULT_STEPS, eta 0 for ddim
-    (the deterministic DDIM of the paper) and 1 for dpm_solver (SDE-DPM-Solver++, the best fid_mnist per call)."""
-    discrete = isinstance(diffusion, GaussianDiffusion)
-    methods, timesteps = (METHODS, diffusion.timesteps) if discrete else (edm.METHODS, MAX_CONTINUOUS_STEPS)
-    if method not in methods:
-        raise UserError(f"--method {method} is not a sampler of this model (it takes {', '.join(methods)})")
-    if method == "ddpm":
-        if steps not in (None, timesteps):
-            raise UserError(f"--method ddpm takes all of the model's {timesteps} steps; --steps {steps} is for "
-                            "ddim and dpm_solver")
-        steps = timesteps
-    elif steps is None:
-        steps = DEFAULT_STEPS[method]
-    elif not 1 <= steps <= timesteps:
-        raise UserError(f"--steps must be between 1 and {timesteps}, got {steps}")
-    eta = (1.0 if method == "dpm_solver" else 0.0) if eta is None else eta
-    if eta < 0:
-        raise UserError(f"--eta must not be negative, got {eta}")
-    if guidance_scale < 0:
-        raise UserError(f"--guidance_scale must not be negative, got {guidance_scale}")
-    return Sampler(method, steps, eta, guidance_scale)
+def sampler_settings(diffusion, method: str, steps: int | None = None, eta: float | None = None,
+                     guidance_scale: float = 0.0) -> SamplerSettings:
+    """Checked settings for `diffusion`, defaults from its SAMPLERS table; UserError naming the bad flag."""
+    if method not in diffusion.SAMPLERS:
+        raise UserError(f"--method {method} is not a sampler of this model; it takes {', '.join(diffusion.SAMPLERS)}")
+    try:
+        steps = diffusion.sampler_steps(method, steps)
+    except ValueError as e:
+        raise UserError(f"--steps {steps}: {e}") from None
+    try:
+        eta = resolve_eta(method, diffusion.SAMPLERS, eta)
+        check_guidance_scale(guidance_scale)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return SamplerSettings(method, steps, eta, guidance_scale)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, methods=ALL_METHODS, batch_size: int | None = None) -> None:
@@ -65,13 +62,15 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=ALL_METHODS, batch_siz
     p.add_argument("--pretrained", choices=sorted(PRETRAINED), default=None,
                    help="a model shipped in assets/; without --model_path the unconditional one is used")
     p.add_argument("--method", choices=methods, default="dpm_solver",
-                   help="ddpm: all T steps; ddim: DDIM; dpm_solver: DPM-Solver++(2M)")
+                   help="ddpm (all T steps), ddim, dpm_solver (DPM-Solver++(2M)) for ddpm models; heun (EDM's), "
+                        "dpm_solver, euler for edm and flow models")
     p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=None,
-                   help="network calls of ddim and dpm_solver (--ddim_steps is another name for it); "
-                        "None: " + ", ".join(f"{v} for {k}" for k, v in DEFAULT_STEPS.items()))
+                   help="network calls (heun: noise levels, 2 steps - 1 calls; --ddim_steps is another name); "
+                        "None: the method's (" + ", ".join(f"{k} {v.steps}" for k, v in edm.SAMPLERS.items()
+                                                           if v.steps) + ")")
     p.add_argument("--eta", type=float, default=None,
-                   help="DDIM and DPM-Solver++ noise: 0 deterministic (the ODE), 1 DDPM-like (the SDE); "
-                        "None: 0 for ddim, 1 for dpm_solver")
+                   help="injected noise: 0 deterministic (the ODE), 1 the SDE (heun: EDM's S_churn); None: the "
+                        "method's (1 for dpm_solver, 0 for the others)")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance w (conditional models); default: the checkpoint's (a "
                         "sampling copy's own, else its training run's)")
@@ -86,7 +85,7 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=ALL_METHODS, batch_siz
 @dataclass
 class Loaded:
     """What inference.py and eval.py sample with, every flag checked: the model, its checkpoint, where
-    it came from and where outputs go by default, the device and batch size, and a Sampler per method."""
+    it came from and where outputs go by default, the device and batch size, and the settings of each method."""
     ckpt: dict
     model: torch.nn.Module
     diffusion: GaussianDiffusion
@@ -94,16 +93,20 @@ class Loaded:
     output_root: str
     device: torch.device
     batch_size: int
-    samplers: dict
+    samplers: dict  # method: SamplerSettings
 
     @property
     def conditional(self) -> bool:
         return is_conditional(self.model)
 
+    @property
+    def formulation(self) -> str:
+        return self.diffusion.config.get("formulation", "ddpm")
+
 
 def load_model(args, methods, want_conditional: bool = False) -> Loaded:
     """The model of --model_path, or of --pretrained (the shipped conditional one when `want_conditional`,
-    else the unconditional one), with a Sampler for each of `methods`; UserError on any bad flag."""
+    else the unconditional one), with SamplerSettings for each of `methods`; UserError on any bad flag."""
     if args.model_path and args.pretrained:
         raise UserError("give --model_path or --pretrained, not both")
     if args.model_path:
@@ -115,9 +118,9 @@ def load_model(args, methods, want_conditional: bool = False) -> Loaded:
     model, diffusion = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
     guidance = default_guidance(ckpt) if args.guidance_scale is None else args.guidance_scale
     samplers = {}
-    for method in methods:  # the ddpm half of --method both / --comparison takes all T; --steps is the ddim's
+    for method in methods:  # --steps is for the few-step samplers: the ddpm half of --method both / --comparison takes all T
         steps = args.steps if method != "ddpm" or args.method == "ddpm" else None
-        samplers[method] = make_sampler(method, diffusion, steps, args.eta, guidance)
+        samplers[method] = sampler_settings(diffusion, method, steps, args.eta, guidance)
     device = pick_device(args.device)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
@@ -140,7 +143,7 @@ def digit_rows(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-def generate(model, diffusion, num_samples: int, sampler: Sampler = Sampler(), labels: torch.Tensor | None = None,
+def generate(model, diffusion, num_samples: int, sampler: SamplerSettings, labels: torch.Tensor | None = None,
              batch_size: int = 256, seed=0, device="cpu", progress: bool = False, amp: str = "auto",
              compile_mode: str | None = None, channels_last: bool = False, noise: torch.Tensor | None = None,
              return_intermediates: bool = False):
@@ -171,7 +174,7 @@ def generate(model, diffusion, num_samples: int, sampler: Sampler = Sampler(), l
             n = min(batch_size, num_samples - start)
             kwargs = {"y": labels[start:start + n].to(device)} if conditional else {}
             result = diffusion.sample(model_fn, (n, model.config["in_channels"], size, size), method=sampler.method,
-                                      steps=None if sampler.method == "ddpm" else sampler.steps, eta=sampler.eta,
+                                      steps=sampler.steps, eta=sampler.eta,
                                       model_kwargs=kwargs, generator=generator,
                                       progress=progress and len(batches) == 1, device=device,
                                       x_T=None if noise is None else noise[start:start + n].to(device),

@@ -8,6 +8,8 @@ from conditional_ddpm import GuidedModel
 from ddpm_model import METHODS, GaussianDiffusion, UNet, select_timesteps
 from oracles import GaussianOracle, TwoPointOracle, exact_dpm_solver_law, exact_output_law, linear_alphas_cumprod
 
+pytestmark = pytest.mark.unit
+
 T = 1000
 M, S = 0.3, 0.5          # the data law N(M, S^2) of the Gaussian oracle
 SHAPE = (2000, 1, 4, 4)  # 32,000 independent scalars per run
@@ -70,8 +72,6 @@ def test_prediction_targets_invert(prediction):
 
 def test_timestep_spacings():
     assert select_timesteps(1000, 5, "uniform") == [999, 749, 500, 250, 0]
-    assert select_timesteps(1000, 5, "leading") == [800, 600, 400, 200, 0]
-    assert select_timesteps(1000, 5, "trailing") == [999, 799, 599, 399, 199]
     assert select_timesteps(1000, 1000, "uniform") == list(range(999, -1, -1))
     ac = GaussianDiffusion(1000).alphas_cumprod
     for T, steps in ((1000, 20), (1000, 1000), (20, 3), (20, 20), (20, 1)):
@@ -80,8 +80,9 @@ def test_timestep_spacings():
     log_snr = (ac / (1 - ac)).log()
     gaps = (log_snr[select_timesteps(1000, 20, "logsnr", ac)]).diff()
     assert gaps.std() < 0.1 * gaps.abs().mean()  # evenly spaced in log-SNR
-    with pytest.raises(ValueError):
-        select_timesteps(1000, 1001)
+    for bad in (dict(steps=1001), dict(steps=5, spacing="leading")):
+        with pytest.raises(ValueError):
+            select_timesteps(1000, **bad)
 
 
 # ----------------------------------------------------------------------------- oracle samplers
@@ -130,12 +131,12 @@ def test_dpm_solver_oracle_gaussian_20_steps(prediction):
     ac = linear_alphas_cumprod()
     d = GaussianDiffusion(T, prediction=prediction)
     oracle = GaussianOracle([M], S, ac, prediction)
-    run = lambda v: d.sample(oracle, (1, 1, 1, 1), "dpm_solver", steps=20, x_T=torch.full((1, 1, 1, 1), v),
+    run = lambda v: d.sample(oracle, (1, 1, 1, 1), "dpm_solver", steps=20, eta=0.0, x_T=torch.full((1, 1, 1, 1), v),
                              clip_denoised=False).item()
     b, a = run(0.0), run(1.0) - run(0.0)
     assert abs(b - M) < 0.01 * S, f"mean {b}"
     assert abs(a - S) < 0.02 * S, f"std {a}"  # +1.3% at 20 steps, against DDIM's -4.8% at 50
-    x = d.sample(oracle, SHAPE, "dpm_solver", steps=20, generator=0, clip_denoised=False)
+    x = d.sample(oracle, SHAPE, "dpm_solver", steps=20, eta=0.0, generator=0, clip_denoised=False)
     assert_matches_law(x, b, a * a, "dpm_solver")
     mu, var = exact_dpm_solver_law(ac, M, S, select_timesteps(T, 20, "logsnr", d.alphas_cumprod), eta=0.0)
     assert abs(mu - b) < 1e-4 and abs(math.sqrt(var) - a) < 1e-4  # the law's independent computation agrees
@@ -163,7 +164,7 @@ def test_samplers_survive_a_zero_snr_first_step(eta):
     torch.manual_seed(0)
     net = UNet(model_channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=())
     for method in METHODS:
-        x = d.sample(net, (4, 1, 28, 28), method, steps=5, eta=eta, generator=0)
+        x = d.sample(net, (4, 1, 28, 28), method, steps=None if method == "ddpm" else 5, eta=eta, generator=0)
         assert torch.isfinite(x).all(), method
 
 
@@ -191,11 +192,27 @@ def test_conditional_oracle_with_guidance():
         xc = plain[y == c]
         assert abs(xc.mean().item() - mu) < 5 * math.sqrt(var / 8000)
         assert abs(xc.std().item() - math.sqrt(var)) < 5 * math.sqrt(var / 16000)
-    guided = d.sample(GuidedModel(oracle, 2.0, null_class=2), shape, "dpm_solver", model_kwargs={"y": y},
+    guided = d.sample(GuidedModel(oracle, 2.0, null_class=2), shape, "dpm_solver", eta=0.0, model_kwargs={"y": y},
                       generator=0, clip_denoised=False).flatten()
     # Guidance pushes each class away from the unconditional law: further from 0, and tighter.
     assert guided[y == 0].mean() < -0.6 - 0.05 and guided[y == 1].mean() > 0.6 + 0.05
     assert guided[y == 1].std() < s
+
+
+def test_sampler_defaults_come_from_one_table():
+    """Omitted steps and eta are the SAMPLERS entry's; ddpm takes all T; steps beyond T are refused."""
+    from ddpm_model import SAMPLERS
+    d = GaussianDiffusion(T)
+    oracle = GaussianOracle([M], S, linear_alphas_cumprod())
+    for method in METHODS:
+        _, trajectory = d.sample(oracle, (2, 1, 1, 1), method, generator=0, return_intermediates=True)
+        assert len(trajectory) - 1 == d.sampler_steps(method) == (SAMPLERS[method].steps or T), method
+    default = d.sample(oracle, (64, 1, 1, 1), "dpm_solver", steps=5, generator=3)
+    assert torch.equal(default, d.sample(oracle, (64, 1, 1, 1), "dpm_solver", steps=5, eta=1.0, generator=3))
+    assert not torch.equal(default, d.sample(oracle, (64, 1, 1, 1), "dpm_solver", steps=5, eta=0.0, generator=3))
+    for method, steps in (("ddpm", 5), ("ddim", T + 1), ("dpm_solver", 0)):
+        with pytest.raises(ValueError):
+            d.sampler_steps(method, steps)
 
 
 def test_same_seed_same_samples_bitwise():
@@ -245,5 +262,5 @@ def test_last_step_returns_the_clean_x0_prediction(method):
     network whose x0 predictions are far outside [-1, 1] still yields images exactly in range."""
     d = GaussianDiffusion(T)
     wild = lambda x, t: -10 * x  # eps predictions that put x0 far outside the data range
-    x = d.sample(wild, (64, 1, 2, 2), method, steps=10, generator=0)
+    x = d.sample(wild, (64, 1, 2, 2), method, steps=None if method == "ddpm" else 10, generator=0)
     assert x.abs().max() <= 1 and (x.abs() == 1).float().mean() > 0.5

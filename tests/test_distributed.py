@@ -5,18 +5,19 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import inference
 from checkpoint import load_checkpoint
-from conftest import REPO, TINY_FLAGS
+from conftest import REPO, linked_data_dir, tiny_training_flags
 
 pytestmark = pytest.mark.slow
 
 # Dropout off: it is the one random draw each rank makes on its own, by design.
 # fp32: bf16 rounds the half batches' gradients differently from the whole batch's.
-FLAGS = TINY_FLAGS + ["--dropout", "0", "--save_freq", "1", "--amp", "none"]
+SAME_DRAWS = ["--dropout", "0", "--save_freq", "1", "--amp", "none"]
 
 
 def torchrun(args, cwd, nproc=2):
@@ -35,13 +36,18 @@ def assert_same_weights(a, b, atol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def flags(tmp_path_factory):
+    return tiny_training_flags(linked_data_dir(tmp_path_factory.mktemp("ddp-data"))) + SAME_DRAWS
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, flags):
     root = tmp_path_factory.mktemp("ddp")
     out = ["--output_dir", str(root)]
-    torchrun(FLAGS + out + ["--experiment_name", "two", "--max_steps", "6"], root)
-    torchrun(FLAGS + out + ["--experiment_name", "halves", "--max_steps", "3"], root)
+    torchrun(flags + out + ["--experiment_name", "two", "--max_steps", "6"], root)
+    torchrun(flags + out + ["--experiment_name", "halves", "--max_steps", "3"], root)
     torchrun(["--resume", str(root / "halves" / "last.pth"), "--max_steps", "6"], root)
-    subprocess.run([sys.executable, os.path.join(REPO, "train_conditional.py"), *FLAGS, *out,
+    subprocess.run([sys.executable, os.path.join(REPO, "train_conditional.py"), *flags, *out,
                     "--experiment_name", "one", "--max_steps", "6"], cwd=root, check=True, capture_output=True)
     return root
 
@@ -60,15 +66,21 @@ def test_resume_of_a_two_process_run(runs):
     assert_same_weights(straight, resumed, atol=1e-6)
 
 
-def test_distributed_checkpoint_loads_in_inference(runs, tmp_path):
-    inference.main(["--model_path", str(runs / "two" / "last.pth"), "--method", "ddim", "--ddim_steps", "2",
-                    "--num_samples", "1", "--output_dir", str(tmp_path)])
-    assert (tmp_path / "samples_ddim.png").exists()
+def test_distributed_checkpoint_samples_like_the_single_process_one(runs, tmp_path):
+    """inference.py reads the two-process checkpoint, and draws what the one-process run's weights draw."""
+    grids = []
+    for run in ("two", "one"):
+        inference.main(["--model_path", str(runs / run / "last.pth"), "--method", "ddim", "--ddim_steps", "2",
+                        "--num_samples", "4", "--class_labels", "3", "--output_dir", str(tmp_path / run), "--amp", "none",
+                        "--save_npz", str(tmp_path / f"{run}.npz")])
+        with np.load(tmp_path / f"{run}.npz") as f:
+            grids.append(f["images"].astype(int))
+    assert grids[0].shape == (4, 28, 28) and np.abs(grids[0] - grids[1]).max() <= 2
 
 
-def test_sigterm_on_one_rank_stops_every_rank_cleanly(tmp_path):
+def test_sigterm_on_one_rank_stops_every_rank_cleanly(tmp_path, flags):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "train.py"), *FLAGS, "--output_dir", str(tmp_path), "--experiment_name", "sig",
+           os.path.join(REPO, "train.py"), *flags, "--output_dir", str(tmp_path), "--experiment_name", "sig",
            "--log_every", "1"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -11,6 +11,7 @@ from oracles import SigmaGaussianOracle, exact_dpm_solver_law, exact_heun_law
 
 M, S = 0.3, 0.5          # the data law N(M, S^2)
 SHAPE = (2000, 1, 4, 4)  # 32,000 independent scalars per run
+pytestmark = pytest.mark.unit
 N = math.prod(SHAPE)
 
 

@@ -11,14 +11,20 @@ import eval as eval_script
 import inference
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from conditional_ddpm import ConditionalUNet
-from conftest import DATA_DIR, TINY_MODEL
+from conftest import TINY_MODEL, exits_2, grid_tiles
+from data import to_uint8
 from ddpm_model import GaussianDiffusion, UNet
 from runtime import amp_dtype, cpu_has_native_bf16
-from sampling import Sampler, generate
+from sampling import SamplerSettings, generate
 
 
 def grid_size(rows, cols):
     return (cols * 30 + 2, rows * 30 + 2)  # 28 px images with 2 px padding
+
+
+def is_drawn(path) -> bool:
+    """A figure with something on it, not an empty canvas."""
+    return np.asarray(Image.open(path).convert("L")).std() > 10
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +45,7 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
+@pytest.mark.unit
 def test_unconditional_modes(checkpoints, tmp_path):
     out = tmp_path / "out"
     written = inference.main(["--model_path", checkpoints[False], "--method", "both", "--ddim_steps", "5",
@@ -47,10 +54,9 @@ def test_unconditional_modes(checkpoints, tmp_path):
     assert Image.open(out / "samples_ddpm.png").size == grid_size(4, 4)  # 16 samples, 4 per row
     assert Image.open(out / "samples_ddim.png").size == grid_size(4, 4)
     assert Image.open(out / "interpolation.png").size == grid_size(8, 10)  # 8 pairs, 10 frames each
-    for name in ("comparison.png", "denoising_process.png"):
-        Image.open(out / name).verify()
+    assert is_drawn(out / "comparison.png") and is_drawn(out / "denoising_process.png")
     timing = json.loads((out / "comparison.json").read_text())
-    assert timing["ddpm_steps"] == 20 and timing["ddim_steps"] == 5 and timing["seconds"]["ddpm"] > 0
+    assert timing["ddpm_steps"] == 20 and timing["ddim_steps"] == 5 and timing["num_images"] == 16
     assert len(os.listdir(out / "individual_ddpm")) == 16
     assert Image.open(out / "individual_ddpm" / "00000.png").size == (28, 28)
     with np.load(tmp_path / "s.npz") as f:
@@ -60,6 +66,7 @@ def test_unconditional_modes(checkpoints, tmp_path):
     assert str(out / "samples_ddpm.png") in written
 
 
+@pytest.mark.unit
 def test_conditional_rows_and_npz_labels(checkpoints, tmp_path):
     npz = tmp_path / "c.npz"
     inference.main(["--model_path", checkpoints[True], "--conditional", "--class_labels", "3,3,7", "--num_samples", "5",
@@ -74,6 +81,7 @@ def test_conditional_rows_and_npz_labels(checkpoints, tmp_path):
     assert Image.open(tmp_path / "all" / "samples_dpm_solver.png").size == grid_size(10, 2)  # every digit
 
 
+@pytest.mark.unit
 def test_same_seed_same_output(checkpoints, tmp_path):
     arrays = []
     for run, seed in (("a", 5), ("b", 5), ("c", 6)):
@@ -89,10 +97,22 @@ def tiny_model(checkpoints, conditional):
     return model_from_checkpoint(load_checkpoint(checkpoints[conditional]))
 
 
+@pytest.mark.unit
+def test_trajectory_runs_from_the_seeds_noise_to_the_samples(checkpoints):
+    model, diffusion = tiny_model(checkpoints, False)
+    sampler = SamplerSettings("ddim", 4, 0.0)
+    images, trajectory = generate(model, diffusion, 3, sampler, seed=7, return_intermediates=True)
+    noise = torch.randn((3, 1, 28, 28), generator=torch.Generator().manual_seed(7))
+    assert [t for t, _ in trajectory] == [20, 19, 13, 6, 0]  # T, then DDIM's 4 uniform steps
+    assert torch.equal(trajectory[0][1], noise) and torch.equal(trajectory[-1][1], images)
+    assert torch.equal(images, generate(model, diffusion, 3, sampler, seed=7))
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("conditional", [False, True])
 def test_speed_flags_keep_the_samples(checkpoints, conditional):
     model, diffusion = tiny_model(checkpoints, conditional)
-    run = lambda amp, nhwc=False: generate(model, diffusion, 8, Sampler("ddim", 4, 0.0, 1.0), seed=1, amp=amp,
+    run = lambda amp, nhwc=False: generate(model, diffusion, 8, SamplerSettings("ddim", 4, 0.0, 1.0), seed=1, amp=amp,
                                            channels_last=nhwc)
     nhwc, fp32, bf16, auto = run("none", True), run("none"), run("bf16"), run("auto")
     assert torch.allclose(nhwc, fp32, atol=1e-5)
@@ -107,7 +127,7 @@ def test_speed_flags_keep_the_samples(checkpoints, conditional):
 def test_compiled_network_call_matches_eager(checkpoints):
     from torch._dynamo.utils import counters
     model, diffusion = tiny_model(checkpoints, True)  # the guided model, two branches per call
-    run = lambda mode: generate(model, diffusion, 6, Sampler("dpm_solver", 3, 1.0, 1.5), seed=2, compile_mode=mode,
+    run = lambda mode: generate(model, diffusion, 6, SamplerSettings("dpm_solver", 3, 1.0, 1.5), seed=2, compile_mode=mode,
                                 amp="none")
     torch._dynamo.reset()
     compiled = run("default")
@@ -115,45 +135,42 @@ def test_compiled_network_call_matches_eager(checkpoints):
     assert torch.allclose(compiled, run(None), atol=1e-4)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("flags,message", [
     (["--model_path", "missing.pth"], "no such file"),
     (["--conditional"], "need a conditional checkpoint"),
     (["--class_labels", "1,2"], "need a conditional checkpoint"),
-    (["--method", "ddim", "--ddim_steps", "0"], "--steps must be between 1"),
-    (["--method", "both", "--steps", "21"], "--steps must be between 1"),
-    (["--comparison", "--ddim_steps", "21"], "--steps must be between 1"),
-    (["--method", "ddpm", "--steps", "5"], "--method ddpm takes all of the model's 20 steps"),
+    (["--method", "ddim", "--ddim_steps", "0"], "--steps 0: steps must be between 1 and the model's 20 timesteps"),
+    (["--method", "both", "--steps", "21"], "--steps 21: steps must be between 1"),
+    (["--comparison", "--ddim_steps", "21"], "--steps 21: steps must be between 1"),
+    (["--method", "ddpm", "--steps", "5"], "--steps 5: ddpm takes all of the model's 20 steps"),
+    (["--method", "heun"], "--method heun is not a sampler of this model; it takes ddpm, ddim, dpm_solver"),
     (["--pretrained", "conditional"], "give --model_path or --pretrained, not both"),
-    (["--method", "dpm_solver", "--steps", "0"], "--steps must be between 1"),
-    (["--eta", "-0.5"], "--eta must not be negative"),
+    (["--method", "dpm_solver", "--steps", "0"], "--steps 0: steps must be between 1"),
+    (["--eta", "-0.5"], "eta must be >= 0, got -0.5"),
     (["--num_samples", "0"], "--num_samples must be at least 1"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 is not supported on cpu"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(checkpoints, tmp_path, capsys, flags, message):
     args = ["--model_path", checkpoints[False], "--output_dir", str(tmp_path / "out")] + flags
-    with pytest.raises(SystemExit) as exc:
-        inference.main(args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    exits_2(capsys, lambda: inference.main(args), message)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.unit
 def test_bad_labels_and_non_checkpoint(checkpoints, tmp_path, capsys):
     for flags, message in ((["--model_path", checkpoints[True], "--class_labels", "3,10"], "must lie in 0..9"),
                            (["--model_path", __file__], "not a PyTorch checkpoint")):
-        with pytest.raises(SystemExit) as exc:
-            inference.main(flags + ["--output_dir", str(tmp_path / "out")])
-        assert exc.value.code == 2 and message in capsys.readouterr().err
+        exits_2(capsys, lambda: inference.main(flags + ["--output_dir", str(tmp_path / "out")]), message)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("conditional", [False, True])
-def test_eval_on_a_checkpoint(checkpoints, tmp_path, conditional):
+def test_eval_on_a_checkpoint(checkpoints, tmp_path, conditional, data_dir):
     save = tmp_path / "eval"
     report = eval_script.main(["--model_path", checkpoints[conditional], "--num_samples", "60", "--method", "ddim",
-                               "--ddim_steps", "2", "--no_inception", "--save_dir", str(save), "--data_dir", DATA_DIR])
+                               "--ddim_steps", "2", "--no_inception", "--save_dir", str(save), "--data_dir", data_dir])
     metrics = json.loads((save / "metrics.json").read_text())
     for key in ("fid_mnist", "is_mnist_mean", "is_mnist_std", "precision", "recall"):
         assert key in metrics
@@ -162,22 +179,26 @@ def test_eval_on_a_checkpoint(checkpoints, tmp_path, conditional):
     assert not {"fid_inception", "is_inception_mean", "is_inception_std"} & set(metrics)
     assert metrics["fid_mnist"] > metrics["floor"]["fid_mnist"]  # random weights are worse than real digits
     assert metrics["settings"]["num_images"] == 60 and metrics["seconds"]["mnist_metrics"] > 0
-    assert "| fid_mnist |" in (save / "report.md").read_text()
-    for name in ("samples.png", "intensity_histogram.png", "class_histogram.png"):
-        Image.open(save / name).verify()
+    assert f"| fid_mnist | {metrics['fid_mnist']:.4f} | {metrics['floor']['fid_mnist']:.4f} |" in (save / "report.md").read_text()
+    model, diffusion = tiny_model(checkpoints, conditional)  # samples.png shows the very images scored
+    labels = torch.arange(60) % 10 if conditional else None
+    scored = to_uint8(generate(model, diffusion, 60, SamplerSettings("ddim", 2, 0.0, 1.0 if conditional else 0.0),
+                               labels=labels, batch_size=50, seed=0)).numpy()
+    assert np.abs(grid_tiles(save / "samples.png")[:60].astype(int) - scored).max() <= 1
+    assert is_drawn(save / "intensity_histogram.png") and is_drawn(save / "class_histogram.png")
     assert report["fid_mnist"] == metrics["fid_mnist"]
 
 
-def test_eval_samples_npz_and_real(tmp_path):
+def test_eval_samples_npz_and_real(tmp_path, data_dir):
     from data import load_mnist
-    images, labels = load_mnist(DATA_DIR, train=False)
+    images, labels = load_mnist(data_dir, train=False)
     npz = tmp_path / "real.npz"
     np.savez(npz, images=images[:300].numpy(), labels=labels[:300].numpy())
     report = eval_script.main(["--samples", str(npz), "--no_inception", "--save_dir", str(tmp_path / "e"),
-                               "--data_dir", DATA_DIR])
+                               "--data_dir", data_dir])
     assert report["class_accuracy"] > 0.97  # real digits with their true labels
     real = eval_script.main(["--real", "test", "--num_samples", "300", "--no_inception", "--save_dir",
-                             str(tmp_path / "r"), "--data_dir", DATA_DIR])
+                             str(tmp_path / "r"), "--data_dir", data_dir])
     assert real["fid_mnist"] == pytest.approx(report["fid_mnist"])
     with pytest.raises(SystemExit) as exc:
         eval_script.main(["--samples", str(npz), "--real", "test"])

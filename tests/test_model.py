@@ -4,11 +4,14 @@ import os
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, build_diffusion, load_checkpoint, model_from_checkpoint, save_checkpoint
 from conditional_ddpm import ConditionalUNet, GuidedModel, drop_labels
+from conftest import TINY_MODEL
 from ddpm_model import GaussianDiffusion, UNet
+from edm import KarrasDiffusion
 
-TINY = dict(model_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attention_resolutions=(14,), dropout=0.0)
+pytestmark = pytest.mark.unit
+TINY = {**TINY_MODEL, "channel_mult": (1, 2, 2, 2)}  # every level of the default network
 
 
 @pytest.mark.parametrize("size,attn", [(28, (14,)), (32, (16,)), (28, (7, 4))])
@@ -102,6 +105,18 @@ def test_checkpoint_round_trip(tmp_path, conditional):
     for a, b in zip(raw.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # the atomic write cleaned up
+
+
+def test_a_continuous_formulation_round_trips_and_the_seeds_format_still_loads(tmp_path):
+    """A checkpoint records its process: KarrasDiffusion's config comes back as KarrasDiffusion, and a
+    diffusion_config without a formulation (every checkpoint written before there was one) is the DDPM process."""
+    model = UNet(**TINY)
+    save_checkpoint(str(tmp_path / "edm.pth"), model, model, KarrasDiffusion("flow", p_mean=0.0, p_std=1.0))
+    _, diffusion = model_from_checkpoint(load_checkpoint(str(tmp_path / "edm.pth")))
+    assert isinstance(diffusion, KarrasDiffusion) and diffusion.config["formulation"] == "flow"
+    assert (diffusion.p_mean, diffusion.p_std) == (0.0, 1.0)
+    seed_format = build_diffusion(dict(timesteps=50, beta_schedule="cosine", prediction="x0"))
+    assert isinstance(seed_format, GaussianDiffusion) and seed_format.timesteps == 50
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path):

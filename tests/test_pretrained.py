@@ -2,21 +2,22 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import checkpoint
 import inference
-import results
-import trainer
 from checkpoint import PRETRAINED, CheckpointError, load_checkpoint, model_from_checkpoint, pretrained_path
-from conftest import DATA_DIR
+from conftest import exits_2, grid_tiles, run_training
 from data import to_uint8
 from fileio import read_checksums, sha256_file
 from metrics import classifier_outputs, load_classifier
-from sampling import Sampler, generate, load_model
+from sampling import SamplerSettings, generate, load_model, sampler_settings
+from tools import results
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", sorted(PRETRAINED))
 def test_shipped_model_is_the_checksummed_sampling_copy(kind):
     path = pretrained_path(kind)
@@ -27,19 +28,22 @@ def test_shipped_model_is_the_checksummed_sampling_copy(kind):
     assert "train_state" not in ckpt and "model" not in ckpt  # EMA weights and configuration only
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", sorted(PRETRAINED))
 def test_shipped_model_draws_digits(kind):
     """Forty samples in 10 SDE-DPM-Solver++ steps: the MNIST classifier reads nearly all of them as a
     digit with confidence above one half, and the conditional model's as the digits asked for."""
     model, diffusion = model_from_checkpoint(load_checkpoint(pretrained_path(kind)))
     labels = torch.arange(40) % 10 if kind == "conditional" else None
-    images = to_uint8(generate(model, diffusion, 40, Sampler("dpm_solver", 10, 1.0, 1.0), labels=labels, seed=0))
+    sampler = sampler_settings(diffusion, "dpm_solver", 10, None, 1.0 if labels is not None else 0.0)
+    images = to_uint8(generate(model, diffusion, 40, sampler, labels=labels, seed=0))
     _, probs = classifier_outputs(load_classifier(), images)
     assert (probs.max(axis=1) > 0.5).mean() >= 0.85
     if labels is not None:
         assert (probs.argmax(axis=1) == labels.numpy()).mean() >= 0.95
 
 
+@pytest.mark.unit
 def test_a_damaged_shipped_file_is_refused(tmp_path, monkeypatch):
     for name in PRETRAINED.values():
         (tmp_path / name).write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
@@ -49,29 +53,34 @@ def test_a_damaged_shipped_file_is_refused(tmp_path, monkeypatch):
         pretrained_path("unconditional")
 
 
+@pytest.mark.unit
 def test_inference_without_a_model_path_samples_the_shipped_models(tmp_path, monkeypatch):
+    """Without --model_path the shipped models sample into outputs/pretrained_KIND/, and the grid holds what
+    the model itself draws with those settings (the conditional one: a digit per row, its own guidance)."""
     monkeypatch.chdir(tmp_path)  # the default output folder is relative to where the command runs
-    written = inference.main(["--num_samples", "4", "--steps", "3"])
-    assert written == [os.path.join("outputs", "pretrained_unconditional", "inference", "samples_dpm_solver.png")]
-    written = inference.main(["--conditional", "--num_samples", "1", "--steps", "3"])
-    assert written == [os.path.join("outputs", "pretrained_conditional", "inference", "samples_dpm_solver.png")]
+    for kind, flags, labels in (("unconditional", ["--num_samples", "4"], None),
+                                ("conditional", ["--conditional", "--num_samples", "1"], torch.arange(10))):
+        (written,) = inference.main(flags + ["--steps", "3"])
+        assert written == os.path.join("outputs", f"pretrained_{kind}", "inference", "samples_dpm_solver.png")
+        ckpt = load_checkpoint(pretrained_path(kind))
+        model, diffusion = model_from_checkpoint(ckpt)
+        sampler = sampler_settings(diffusion, "dpm_solver", 3, None, checkpoint.default_guidance(ckpt))
+        expected = to_uint8(generate(model, diffusion, len(labels) if labels is not None else 4, sampler,
+                                     labels=labels, batch_size=64, seed=0)).numpy()
+        assert np.abs(grid_tiles(written).astype(int) - expected).max() <= 1, kind
 
 
 def test_sampling_copy_samples_like_its_checkpoint_and_cannot_resume(tmp_path, train_flags, capsys):
-    trainer.main(train_flags + ["--experiment_name", "run", "--max_steps", "3", "--epochs", "1"])
+    run_training(train_flags + ["--experiment_name", "run", "--max_steps", "3", "--epochs", "1"])
     last = tmp_path / "runs" / "run" / "last.pth"
     copy = tmp_path / "copy.pt"
     checkpoint.main([str(last), str(copy)])
     assert os.path.getsize(copy) < os.path.getsize(last) / 2  # no raw weights, no optimizer moments
-    sampler = Sampler("ddim", 3)
+    sampler = SamplerSettings("ddim", 3, 0.0)
     samples = [generate(*model_from_checkpoint(load_checkpoint(str(p))), 4, sampler, seed=5) for p in (last, copy)]
     assert torch.equal(samples[0], samples[1])
-    with pytest.raises(SystemExit) as exit_:
-        checkpoint.main([str(last), str(copy)])  # never overwritten
-    assert exit_.value.code == 2 and "exists" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_:
-        trainer.main(["--resume", str(copy)])
-    assert exit_.value.code == 2 and "holds only the EMA weights" in capsys.readouterr().err
+    exits_2(capsys, lambda: checkpoint.main([str(last), str(copy)]), "exists")  # never overwritten
+    exits_2(capsys, lambda: run_training(["--resume", str(copy)]), "holds only the EMA weights")
     with pytest.raises(CheckpointError, match="--no_ema needs"):
         model_from_checkpoint(load_checkpoint(str(copy)), use_ema=False)
 
@@ -79,7 +88,7 @@ def test_sampling_copy_samples_like_its_checkpoint_and_cannot_resume(tmp_path, t
 def test_a_sampling_copy_carries_its_own_guidance(tmp_path, train_flags, capsys):
     """checkpoint.py --guidance_scale sets the copy's default guidance; the flag of inference.py still
     wins, the run without a copy keeps its own, and an unconditional model refuses one."""
-    trainer.main(train_flags + ["--experiment_name", "c", "--max_steps", "1", "--epochs", "1", "--guidance_scale",
+    run_training(train_flags + ["--experiment_name", "c", "--max_steps", "1", "--epochs", "1", "--guidance_scale",
                                 "2"], conditional=True)
     last, copy = tmp_path / "runs" / "c" / "last.pth", tmp_path / "copy.pt"
     checkpoint.main([str(last), str(copy), "--guidance_scale", "0.25"])
@@ -92,17 +101,16 @@ def test_a_sampling_copy_carries_its_own_guidance(tmp_path, train_flags, capsys)
     assert checkpoint.default_guidance(load_checkpoint(pretrained_path("conditional"))) == 0.5  # docs/samplers.md
     for source, w, message in ((pretrained_path("unconditional"), "1", "for conditional models"),
                                (last, "-1", "must not be negative")):
-        with pytest.raises(SystemExit) as exit_:
-            checkpoint.main([str(source), str(tmp_path / "refused.pt"), "--guidance_scale", w])
-        assert exit_.value.code == 2 and message in capsys.readouterr().err
+        exits_2(capsys, lambda: checkpoint.main([str(source), str(tmp_path / "refused.pt"), "--guidance_scale", w]),
+                message)
         assert not (tmp_path / "refused.pt").exists()
 
 
-def test_results_table_scores_each_model_beside_the_floor(tmp_path, train_flags):
-    trainer.main(train_flags + ["--experiment_name", "run", "--max_steps", "2", "--epochs", "1"])
+def test_results_table_scores_each_model_beside_the_floor(tmp_path, train_flags, data_dir):
+    run_training(train_flags + ["--experiment_name", "run", "--max_steps", "2", "--epochs", "1"])
     table = tmp_path / "table.md"
     flags = ["--model", f"tiny={tmp_path / 'runs' / 'run' / 'last.pth'}", "--num_samples", "20", "--no_inception",
-             "--data_dir", DATA_DIR, "--out", str(tmp_path / "out"), "--table", str(table)]
+             "--data_dir", data_dir, "--out", str(tmp_path / "out"), "--table", str(table)]
     results.main(flags + ["--only", "tiny"])
     rows = json.loads((tmp_path / "table.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["tiny"] and rows[0]["num_samples"] == 20

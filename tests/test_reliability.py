@@ -19,25 +19,10 @@ import artefacts
 import eval as eval_script
 import fileio
 import inference
-import trainer
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from conftest import DATA_DIR, REPO, TINY_FLAGS
+from conftest import REPO, TINY_MODEL, exits_2, run_training
 from data import DataError, load_mnist
 from ddpm_model import GaussianDiffusion, UNet
-
-
-def run(flags, conditional=False):
-    return trainer.main(flags, conditional=conditional)
-
-
-def exits_2(capsys, call, message):
-    """call() must exit with code 2 and one line on stderr that contains `message`."""
-    with pytest.raises(SystemExit) as exc:
-        call()
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    assert message in err and len(err.strip().splitlines()) == 1, err
-    return err
 
 
 def no_temporaries(folder):
@@ -50,7 +35,7 @@ def test_failing_evaluation_keeps_the_run(train_flags, tmp_path, capsys, monkeyp
     def broken(self, step):
         raise RuntimeError("metric exploded")
     monkeypatch.setattr(artefacts.RunArtefacts, "evaluate", broken)
-    summary = run(train_flags + ["--experiment_name", "e", "--max_steps", "4"])
+    summary = run_training(train_flags + ["--experiment_name", "e", "--max_steps", "4"])
     assert summary["steps"] == 4
     assert load_checkpoint(str(tmp_path / "runs" / "e" / "last.pth"))["step"] == 4
     err = capsys.readouterr().err
@@ -68,7 +53,7 @@ def test_unwritable_statistics_cache_costs_only_time(train_flags, tmp_path, caps
             raise PermissionError(errno.EACCES, "Permission denied")
         return real_mkstemp(*args, dir=dir, **kwargs)
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-    run(train_flags + ["--experiment_name", "ro", "--max_steps", "2", "--data_dir", data_copy])
+    run_training(train_flags + ["--experiment_name", "ro", "--max_steps", "2", "--data_dir", data_copy])
     assert "Permission denied; the statistics will be computed again next time" in capsys.readouterr().err
     ckpt = load_checkpoint(str(tmp_path / "runs" / "ro" / "best_model.pth"))  # fid_mnist was computed
     assert ckpt["train_state"]["best"]["value"] > 0 and not os.listdir(cache_dir)
@@ -76,35 +61,45 @@ def test_unwritable_statistics_cache_costs_only_time(train_flags, tmp_path, caps
 
 @pytest.mark.parametrize("flags,message", [
     (["--timesteps", "10"], "the linear schedule needs --timesteps of at least 20"),
-    (["--timesteps", "25", "--sample_steps", "30"], "--sample_steps 30 is more than the 25 --timesteps"),
-    (["--eval_samples", "2"], "--eval_samples must be at least 10"),
+    (["--timesteps", "25", "--sample_steps", "30"], "steps must be between 1 and the model's 25 timesteps, got 30"),
+    (["--sample_method", "heun"], "method must be one of ('ddpm', 'ddim', 'dpm_solver'), got 'heun'"),
+    (["--formulation", "edm", "--sample_method", "ddim"], "method must be one of ('heun', 'dpm_solver', 'euler')"),
+    (["--formulation", "edm", "--min_snr_gamma", "5"], "--min_snr_gamma weights the ddpm loss"),
+    (["--formulation", "flow", "--p_std", "0"], "p_std and sigma_min must be positive"),
+    (["--sample_method", "ddpm", "--sample_steps", "5"], "ddpm takes all of the model's 1000 steps, not 5"),
+    (["--eval_samples", "2"], "--eval_samples: 2 images, but the metrics need at least 10"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--channel_mult", "0"], "take positive integers"),
     (["--max_step", "8"], "unrecognized arguments: --max_step 8"),
 ])
 def test_bad_training_flags_write_nothing(capsys, train_flags, tmp_path, flags, message):
-    exits_2(capsys, lambda: run(train_flags + ["--experiment_name", "bad"] + flags), message)
+    exits_2(capsys, lambda: run_training(train_flags + ["--experiment_name", "bad"] + flags), message)
     assert not (tmp_path / "runs").exists()
 
 
 def test_conditional_flags_are_checked(capsys, train_flags):
-    exits_2(capsys, lambda: run(train_flags + ["--num_classes", "5"], conditional=True),
+    exits_2(capsys, lambda: run_training(train_flags + ["--num_classes", "5"], conditional=True),
             "--num_classes must be at least 10: MNIST has labels 0-9")
-    exits_2(capsys, lambda: run(train_flags + ["--guidance_scale", "-1"], conditional=True),
+    exits_2(capsys, lambda: run_training(train_flags + ["--guidance_scale", "-1"], conditional=True),
             "--guidance_scale must not be negative")
 
 
-def test_short_linear_schedule_trains(train_flags):
-    """T=20 is the shortest linear schedule (its last beta is exactly 1: zero terminal SNR)."""
-    summary = run(train_flags + ["--experiment_name", "t20", "--timesteps", "20", "--max_steps", "2"])
-    assert np.isfinite(summary["final_loss"])
+def test_short_linear_schedule_trains(train_flags, tmp_path):
+    """T=20 is the shortest linear schedule (its last beta is exactly 1: zero terminal SNR), and Min-SNR's
+    weights and DPM-Solver++'s first step, which divide by the SNR, stay finite on it."""
+    summary = run_training(train_flags + ["--experiment_name", "t20", "--timesteps", "20", "--max_steps", "2",
+                                 "--min_snr_gamma", "5"])
+    ckpt = load_checkpoint(str(tmp_path / "runs" / "t20" / "best_model.pth"))
+    assert GaussianDiffusion(**ckpt["diffusion_config"]).alphas_cumprod[-1] == 0
+    assert np.isfinite(summary["final_loss"]) and 0 < summary["final_loss"] < 10
+    assert np.isfinite(ckpt["train_state"]["best"]["value"])  # the evaluation's samples were scored
 
 
 @pytest.mark.slow
-def test_mid_epoch_checkpoint_survives_sigkill(tmp_path):
+def test_mid_epoch_checkpoint_survives_sigkill(tmp_path, tiny_flags):
     """--save_every_minutes writes last.pth inside the epoch; SIGKILL loses at most that much, and the
     run resumes from it."""
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), *TINY_FLAGS, "--output_dir", str(tmp_path),
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *tiny_flags, "--output_dir", str(tmp_path),
            "--experiment_name", "kill", "--log_every", "1", "--save_every_minutes", "0.0005"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     lines = []
@@ -118,7 +113,7 @@ def test_mid_epoch_checkpoint_survives_sigkill(tmp_path):
     assert last.exists(), "".join(lines)
     ckpt = load_checkpoint(str(last))
     assert 1 <= ckpt["step"] < 3750 and ckpt["epoch"] == 0  # mid-epoch: 3,750 steps of 16 make an epoch
-    summary = run(["--resume", str(last), "--max_steps", str(ckpt["step"] + 2), "--save_every_minutes", "0"])
+    summary = run_training(["--resume", str(last), "--max_steps", str(ckpt["step"] + 2), "--save_every_minutes", "0"])
     assert summary["steps"] == ckpt["step"] + 2
 
 
@@ -127,19 +122,19 @@ def test_crashed_run_without_checkpoint_starts_over(train_flags, tmp_path, capsy
     (exp / "logs").mkdir(parents=True)
     (exp / "config.json").write_text("{}")
     (exp / (fileio.TMP_PREFIX + "abclast.pth")).write_bytes(b"partial")
-    run(train_flags + ["--experiment_name", "crashed", "--max_steps", "2"])
+    run_training(train_flags + ["--experiment_name", "crashed", "--max_steps", "2"])
     assert "starting it over" in capsys.readouterr().out
     assert load_checkpoint(str(exp / "last.pth"))["step"] == 2 and no_temporaries(exp)
     # now there is something to resume: refused, and the message names the checkpoint
-    exits_2(capsys, lambda: run(train_flags + ["--experiment_name", "crashed"]),
+    exits_2(capsys, lambda: run_training(train_flags + ["--experiment_name", "crashed"]),
             f"--resume {exp / 'last.pth'}")
 
 
 def test_resume_removes_stale_temporaries(train_flags, tmp_path):
-    run(train_flags + ["--experiment_name", "tmp", "--max_steps", "2"])
+    run_training(train_flags + ["--experiment_name", "tmp", "--max_steps", "2"])
     exp = tmp_path / "runs" / "tmp"
     (exp / (fileio.TMP_PREFIX + "xyzlast.pth")).write_bytes(b"partial")
-    run(["--resume", str(exp / "last.pth"), "--max_steps", "3"])
+    run_training(["--resume", str(exp / "last.pth"), "--max_steps", "3"])
     assert no_temporaries(exp)
 
 
@@ -153,11 +148,11 @@ def test_unusable_output_locations(capsys, train_flags, tmp_path, where, message
     (tmp_path / "runs" / "FILE").write_text("a file")
     flag, value = where
     value = str(tmp_path / value) if flag == "--output_dir" else value
-    exits_2(capsys, lambda: run(train_flags + [flag, value]), message)
+    exits_2(capsys, lambda: run_training(train_flags + [flag, value]), message)
 
 
 def test_full_disk_keeps_the_last_checkpoint(train_flags, tmp_path, capsys, monkeypatch):
-    run(train_flags + ["--experiment_name", "full", "--max_steps", "2"])
+    run_training(train_flags + ["--experiment_name", "full", "--max_steps", "2"])
     exp = tmp_path / "runs" / "full"
 
     def disk_full(obj, f, *args, **kwargs):
@@ -166,7 +161,7 @@ def test_full_disk_keeps_the_last_checkpoint(train_flags, tmp_path, capsys, monk
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit) as exc:
-        run(["--resume", str(exp / "last.pth"), "--max_steps", "4"])
+        run_training(["--resume", str(exp / "last.pth"), "--max_steps", "4"])
     err = capsys.readouterr().err
     assert exc.value.code == 1 and len(err.strip().splitlines()) == 1
     assert f"could not write {exp / 'last.pth'}: " in err and "unexpected pos" in err
@@ -178,15 +173,15 @@ def test_nan_message_is_true_without_a_checkpoint(train_flags, capsys, monkeypat
     real_loss = GaussianDiffusion.training_loss
     monkeypatch.setattr(GaussianDiffusion, "training_loss", lambda self, *a, **k: real_loss(self, *a, **k) * float("nan"))
     with pytest.raises(SystemExit) as exc:
-        run(train_flags + ["--experiment_name", "nan", "--max_steps", "4"])
+        run_training(train_flags + ["--experiment_name", "nan", "--max_steps", "4"])
     assert exc.value.code == 1
     assert "no checkpoint had been written yet" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_second_signal_stops_once_the_checkpoint_is_safe(tmp_path):
+def test_second_signal_stops_once_the_checkpoint_is_safe(tmp_path, tiny_flags):
     """SIGINT, then SIGINT again: last.pth is written, the long final evaluation is skipped, exit 130."""
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), *TINY_FLAGS, "--output_dir", str(tmp_path),
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *tiny_flags, "--output_dir", str(tmp_path),
            "--experiment_name", "twice", "--log_every", "1", "--eval_samples", "5000", "--sample_steps", "20"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     for line in proc.stdout:
@@ -209,34 +204,34 @@ def test_second_signal_stops_once_the_checkpoint_is_safe(tmp_path):
 # ----------------------------------------------------------------------------- resume does what it says
 
 def test_resume_refuses_changes_it_would_ignore(capsys, train_flags, tmp_path):
-    run(train_flags + ["--experiment_name", "r", "--max_steps", "2"])
+    run_training(train_flags + ["--experiment_name", "r", "--max_steps", "2"])
     last = str(tmp_path / "runs" / "r" / "last.pth")
-    err = exits_2(capsys, lambda: run(["--resume", last, "--model_channels", "64", "--lr", "0.5"]),
+    err = exits_2(capsys, lambda: run_training(["--resume", last, "--model_channels", "64", "--lr", "0.5"]),
                   "cannot change")
     assert "--lr --model_channels" in err
-    exits_2(capsys, lambda: run(["--resume", last, "--max_step", "8"]), "unrecognized arguments: --max_step")
+    exits_2(capsys, lambda: run_training(["--resume", last, "--max_step", "8"]), "unrecognized arguments: --max_step")
 
 
-def test_resume_from_another_folder_finds_the_data(train_flags, tmp_path, monkeypatch):
+def test_resume_from_another_folder_finds_the_data(train_flags, tmp_path, monkeypatch, data_dir):
     (tmp_path / "a").mkdir()
-    os.symlink(DATA_DIR, tmp_path / "a" / "data")
+    os.symlink(data_dir, tmp_path / "a" / "data")
     monkeypatch.chdir(tmp_path / "a")
     flags = [f for f in train_flags]
     flags[flags.index("--data_dir") + 1] = "data"  # relative, as the README's default ./data
-    run(flags + ["--experiment_name", "moved", "--max_steps", "2"])
+    run_training(flags + ["--experiment_name", "moved", "--max_steps", "2"])
     (tmp_path / "b").mkdir()
     monkeypatch.chdir(tmp_path / "b")
     last = str(tmp_path / "runs" / "moved" / "last.pth")
-    assert run(["--resume", last, "--max_steps", "3"])["steps"] == 3
-    assert run(["--resume", last, "--max_steps", "4", "--data_dir", str(tmp_path / "a" / "data")])["steps"] == 4
+    assert run_training(["--resume", last, "--max_steps", "3"])["steps"] == 3
+    assert run_training(["--resume", last, "--max_steps", "4", "--data_dir", str(tmp_path / "a" / "data")])["steps"] == 4
 
 
 def test_no_op_resume_keeps_the_summary(train_flags, tmp_path, capsys):
-    run(train_flags + ["--experiment_name", "done", "--max_steps", "2"])
+    run_training(train_flags + ["--experiment_name", "done", "--max_steps", "2"])
     summary_file = tmp_path / "runs" / "done" / "summary.json"
     before = summary_file.read_text()
     assert json.loads(before)["final_loss"] is not None
-    assert run(["--resume", str(tmp_path / "runs" / "done" / "last.pth"), "--max_steps", "2"]) is None
+    assert run_training(["--resume", str(tmp_path / "runs" / "done" / "last.pth"), "--max_steps", "2"]) is None
     assert "nothing to train" in capsys.readouterr().out
     assert summary_file.read_text() == before
 
@@ -246,31 +241,33 @@ def test_no_op_resume_keeps_the_summary(train_flags, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "m.pth"
-    model = UNet(model_channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=())
+    model = UNet(**TINY_MODEL)
     save_checkpoint(str(path), model, model, GaussianDiffusion(20))
     return str(path)
 
 
-def write_npz(path, n=20, labels=None):
-    images = load_mnist(DATA_DIR, train=False)[0][:n].numpy()
+def write_npz(path, data_dir, n=20, labels=None):
+    images = load_mnist(data_dir, train=False)[0][:n].numpy()
     np.savez(path, images=images, **({} if labels is None else {"labels": np.asarray(labels)}))
     return str(path)
 
 
-def test_eval_bad_inputs(capsys, tmp_path, tiny_checkpoint, monkeypatch):
-    ev = lambda *flags: lambda: eval_script.main(["--no_inception", "--data_dir", DATA_DIR, "--save_dir",
+def test_eval_bad_inputs(capsys, tmp_path, tiny_checkpoint, monkeypatch, data_dir):
+    ev = lambda *flags: lambda: eval_script.main(["--no_inception", "--data_dir", data_dir, "--save_dir",
                                                   str(tmp_path / "out"), *flags])
     (tmp_path / "empty.npz").write_bytes(b"")
-    full = write_npz(tmp_path / "full.npz")
+    full = write_npz(tmp_path / "full.npz", data_dir)
     (tmp_path / "cut.npz").write_bytes(open(full, "rb").read()[:300])
     (tmp_path / "png").mkdir()
     (tmp_path / "png" / "0.png").write_bytes(b"not a png at all")
     exits_2(capsys, ev("--samples", str(tmp_path / "empty.npz")), "not a readable npz")
     exits_2(capsys, ev("--samples", str(tmp_path / "cut.npz")), "not a readable npz")
     exits_2(capsys, ev("--samples", str(tmp_path / "png")), "not a readable PNG")
-    exits_2(capsys, ev("--samples", write_npz(tmp_path / "few.npz", n=3)), "3 images; the metrics need at least 10")
-    exits_2(capsys, ev("--samples", write_npz(tmp_path / "lab.npz", labels=[12] * 20)), "labels must be MNIST digits")
-    exits_2(capsys, ev("--real", "test", "--num_samples", "3"), "--num_samples must be at least 10")
+    exits_2(capsys, ev("--samples", write_npz(tmp_path / "few.npz", data_dir, n=3)),
+            "3 images, but the metrics need at least 10")
+    exits_2(capsys, ev("--samples", write_npz(tmp_path / "lab.npz", data_dir, labels=[12] * 20)),
+            "labels must be MNIST digits")
+    exits_2(capsys, ev("--real", "test", "--num_samples", "3"), "--num_samples: 3 images, but the metrics need")
     exits_2(capsys, ev("--real", "test", "--max_sample", "3"), "unrecognized arguments")
     exits_2(capsys, ev("--real", "test", "--inception_logits", str(tmp_path / "nope.pth")),
             "is not pytorch-fid's pt_inception-2015-12-05 state dict")
@@ -283,11 +280,11 @@ def test_eval_bad_inputs(capsys, tmp_path, tiny_checkpoint, monkeypatch):
 
 
 @pytest.mark.parametrize("damage,message", [("missing", "could not read MNIST"), ("corrupt", "corrupt or truncated")])
-def test_eval_bad_data_folder(capsys, tmp_path, damage, message, monkeypatch):
+def test_eval_bad_data_folder(capsys, tmp_path, damage, message, monkeypatch, data_dir):
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     if damage == "corrupt":
-        for name in os.listdir(os.path.join(DATA_DIR, "MNIST", "raw")):
+        for name in os.listdir(os.path.join(data_dir, "MNIST", "raw")):
             if name.endswith(".gz"):
                 (raw / name).write_bytes(b"\x1f\x8b garbage")
     def offline(self):
@@ -297,12 +294,12 @@ def test_eval_bad_data_folder(capsys, tmp_path, damage, message, monkeypatch):
                                               "--save_dir", str(tmp_path / "out")]), message)
 
 
-def test_read_only_data_folder_is_not_called_corrupt(tmp_path, monkeypatch):
+def test_read_only_data_folder_is_not_called_corrupt(tmp_path, monkeypatch, data_dir):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in os.listdir(os.path.join(DATA_DIR, "MNIST", "raw")):
+    for name in os.listdir(os.path.join(data_dir, "MNIST", "raw")):
         if name.endswith(".gz") or name == "SHA256SUMS":
-            os.symlink(os.path.join(DATA_DIR, "MNIST", "raw", name), raw / name)
+            os.symlink(os.path.join(data_dir, "MNIST", "raw", name), raw / name)
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
@@ -312,6 +309,7 @@ def test_read_only_data_folder_is_not_called_corrupt(tmp_path, monkeypatch):
     assert "corrupt" not in str(exc.value)
 
 
+@pytest.mark.unit
 def test_inference_checks_outputs_before_sampling(capsys, tmp_path, tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(inference, "generate", lambda *a, **k: pytest.fail("sampled before checking"))
     (tmp_path / "a_file").write_text("x")
@@ -326,6 +324,7 @@ def test_inference_checks_outputs_before_sampling(capsys, tmp_path, tiny_checkpo
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.unit
 def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
 

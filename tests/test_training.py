@@ -1,4 +1,5 @@
 """End-to-end training runs on a tiny model with the real MNIST shipped in the repository."""
+import gc
 import json
 import math
 import os
@@ -8,35 +9,40 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import config
-import trainer
-from checkpoint import load_checkpoint
-from conftest import DATA_DIR, REPO, TINY_FLAGS
-from data import DataError, load_mnist
+import train
+from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import REPO, exits_2, grid_tiles, run_training
+from data import DataError, load_mnist, to_uint8
 from ddpm_model import GaussianDiffusion
+from sampling import digit_rows, generate, sampler_settings
+from trainer import Trainer, lr_factor
 
 
-def run(flags, conditional=False):
-    return trainer.main(flags, conditional=conditional)
+def new_trainer(flags, conditional=False):
+    args, exp_dir, _ = train.setup(*config.parse_args(flags, conditional=conditional), conditional=conditional)
+    return Trainer(args, conditional, exp_dir, load_mnist(args.data_dir))
 
 
-def test_mnist_loads_offline_from_the_repository():
-    x, y = load_mnist(DATA_DIR, train=True)
+def test_mnist_loads_offline_from_the_repository(data_dir):
+    x, y = load_mnist(data_dir, train=True)
     assert x.shape == (60000, 28, 28) and x.dtype == torch.uint8
     assert y.shape == (60000,) and set(y.unique().tolist()) == set(range(10))
-    x, y = load_mnist(DATA_DIR, train=False)
+    x, y = load_mnist(data_dir, train=False)
     assert x.shape == (10000, 28, 28)
 
 
-def test_corrupt_data_file_is_named(tmp_path):
+def test_corrupt_data_file_is_named(tmp_path, data_dir):
     raw = tmp_path / "MNIST" / "raw"
-    shutil.copytree(os.path.join(DATA_DIR, "MNIST", "raw"), raw, ignore=shutil.ignore_patterns("*-ubyte"))
+    shutil.copytree(os.path.join(data_dir, "MNIST", "raw"), raw, ignore=shutil.ignore_patterns("*-ubyte"))
     target = raw / "train-labels-idx1-ubyte.gz"
     target.write_bytes(target.read_bytes()[:1000])
     with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz"):
@@ -46,9 +52,25 @@ def test_corrupt_data_file_is_named(tmp_path):
         load_mnist(str(tmp_path), train=True)
 
 
+def test_a_finished_run_is_freed_without_the_collector(train_flags):
+    """No reference cycle holds the trainer: freeing it frees DDP's process group at once (torchrun's
+    teardown relies on that), with the cycle collector off."""
+    args, given = config.parse_args(train_flags + ["--experiment_name", "free", "--max_steps", "2"], conditional=False)
+    trainer, loop = train.start(args, given, False, rank=0, world=1, local_rank=0)
+    loop.run()
+    gc.collect()
+    gc.disable()
+    try:
+        refs = weakref.ref(trainer), weakref.ref(loop), weakref.ref(trainer.model)
+        del trainer, loop
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("conditional", [False, True])
 def test_end_to_end_artefacts(train_flags, tmp_path, conditional):
-    summary = run(train_flags + ["--experiment_name", "e2e", "--max_steps", "6"], conditional)
+    summary = run_training(train_flags + ["--experiment_name", "e2e", "--max_steps", "6"], conditional)
     exp = tmp_path / "runs" / "e2e"
     assert summary["steps"] == 6 and summary["stopped_by"] == "max_steps"
 
@@ -62,10 +84,15 @@ def test_end_to_end_artefacts(train_flags, tmp_path, conditional):
     summary_file = json.loads((exp / "summary.json").read_text())
     assert summary_file["best_model"]["metric"] == "fid_mnist" and summary_file["steps"] == 6
 
-    grid = Image.open(exp / "samples" / "epoch_000.png")
-    assert grid.size == (10 * 30 + 2, 10 * 30 + 2)  # 10x10 images of 28 px with 2 px padding
+    # The grid is the EMA's samples with the run's sampler and seed: 10x10, one row per digit if conditional.
+    model, diffusion = model_from_checkpoint(load_checkpoint(str(exp / "last.pth")))
+    labels = digit_rows(10, 10) if conditional else None
+    sampler = sampler_settings(diffusion, "dpm_solver", 2, None, 0.5 if conditional else 0.0)
+    expected = to_uint8(generate(model, diffusion, 100, sampler, labels=labels, batch_size=100, seed=0)).numpy()
+    assert np.abs(grid_tiles(exp / "samples" / "epoch_000.png").astype(int) - expected).max() <= 1
     for name in ("loss_curve.png", "noise_schedule.png"):
-        Image.open(exp / "visualizations" / name).verify()
+        plot = np.asarray(Image.open(exp / "visualizations" / name).convert("L"))
+        assert plot.shape[1] > 500 and plot.std() > 10, name  # a drawn figure, not an empty canvas
 
     events = EventAccumulator(str(exp / "logs"))
     events.Reload()
@@ -81,13 +108,14 @@ def test_end_to_end_artefacts(train_flags, tmp_path, conditional):
     assert b"fid_mnist" in hparams["_hparams_/experiment"] and b"model_channels" in hparams["_hparams_/experiment"]
 
 
-def test_resume_is_exact(train_flags):
-    flags = train_flags + ["--dropout", "0.1", "--save_freq", "1"]
-    run(flags + ["--experiment_name", "once", "--max_steps", "8"], conditional=True)
-    run(flags + ["--experiment_name", "twice", "--max_steps", "4"], conditional=True)
+@pytest.mark.parametrize("formulation", ["ddpm", "edm"])
+def test_resume_is_exact(train_flags, formulation):
+    flags = train_flags + ["--dropout", "0.1", "--save_freq", "1", "--formulation", formulation]
+    run_training(flags + ["--experiment_name", "once", "--max_steps", "8"], conditional=True)
+    run_training(flags + ["--experiment_name", "twice", "--max_steps", "4"], conditional=True)
     out = os.path.dirname(flags[flags.index("--output_dir") + 1] + "/")
     resumed = os.path.join(out, "twice", "last.pth")
-    run(["--resume", resumed, "--max_steps", "8"], conditional=True)
+    run_training(["--resume", resumed, "--max_steps", "8"], conditional=True)
     a = load_checkpoint(os.path.join(out, "once", "last.pth"))
     b = load_checkpoint(resumed)
     assert a["step"] == b["step"] == 8
@@ -104,9 +132,7 @@ def test_speed_flags_keep_the_training_step(train_flags):
     results = {}
     for name, flags in (("plain", ["--amp", "none"]), ("nhwc", ["--channels_last", "--amp", "none"]),
                         ("bf16", ["--amp", "bf16"])):
-        args, exp_dir, _ = trainer.setup(*trainer.parse_args(train_flags + ["--experiment_name", name] + flags,
-                                                             conditional=False), conditional=False)
-        tr = trainer.Trainer(args, False, exp_dir, load_mnist(DATA_DIR))
+        tr = new_trainer(train_flags + ["--experiment_name", name] + flags)
         out_conv = tr.model.out[-1].weight
         assert out_conv.is_contiguous(memory_format=torch.channels_last) == (name == "nhwc")
         tr.train_step(torch.arange(16))
@@ -119,13 +145,13 @@ def test_speed_flags_keep_the_training_step(train_flags):
 def test_sample_eta_reaches_the_sampler(train_flags, tmp_path):
     grids = []
     for eta in ("0", "1"):
-        run(train_flags + ["--experiment_name", f"eta{eta}", "--max_steps", "2", "--sample_eta", eta])
+        run_training(train_flags + ["--experiment_name", f"eta{eta}", "--max_steps", "2", "--sample_eta", eta])
         grids.append(Image.open(tmp_path / "runs" / f"eta{eta}" / "samples" / "epoch_000.png").tobytes())
     assert grids[0] != grids[1]  # the same weights and seed: only the sampler's noise differs
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(train_flags, tmp_path, monkeypatch):
-    run(train_flags + ["--experiment_name", "nan", "--max_steps", "4"])
+    run_training(train_flags + ["--experiment_name", "nan", "--max_steps", "4"])
     last = tmp_path / "runs" / "nan" / "last.pth"
     good = load_checkpoint(str(last))
     real_loss = GaussianDiffusion.training_loss
@@ -138,7 +164,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(train_flags, tmp_path, mo
 
     monkeypatch.setattr(GaussianDiffusion, "training_loss", poisoned)
     with pytest.raises(SystemExit) as exc:
-        run(["--resume", str(last), "--max_steps", "10"])
+        run_training(["--resume", str(last), "--max_steps", "10"])
     assert exc.value.code == 1
     after = load_checkpoint(str(last))
     assert after["step"] == 4
@@ -146,8 +172,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(train_flags, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), *TINY_FLAGS, "--output_dir", str(tmp_path),
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path, tiny_flags):
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *tiny_flags, "--output_dir", str(tmp_path),
            "--experiment_name", "sig", "--log_every", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     lines = []
@@ -165,15 +191,6 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     assert json.loads((tmp_path / "sig" / "summary.json").read_text())["stopped_by"] == "SIGTERM"
 
 
-def expect_exit_2(capsys, flags, conditional=False, message=""):
-    with pytest.raises(SystemExit) as exc:
-        run(flags, conditional)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err, err
-    return err
-
-
 @pytest.mark.parametrize("bad,message", [
     (["--epochs", "-1"], "--epochs must be at least 1"),
     (["--preset", "gpu-huge"], "invalid choice"),
@@ -184,20 +201,20 @@ def expect_exit_2(capsys, flags, conditional=False, message=""):
     (["--sample_eta", "-1"], "--sample_eta must not be negative"),
 ])
 def test_bad_flags(capsys, train_flags, bad, message):
-    expect_exit_2(capsys, train_flags + bad, message=message)
+    exits_2(capsys, lambda: run_training(train_flags + bad), message)
 
 
 def test_bad_resume_and_existing_directory(capsys, train_flags, tmp_path):
-    expect_exit_2(capsys, ["--resume", str(tmp_path / "nope.pth")], message="no such file")
+    exits_2(capsys, lambda: run_training(["--resume", str(tmp_path / "nope.pth")]), "no such file")
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
-    err = expect_exit_2(capsys, ["--resume", str(junk)], message="not a PyTorch checkpoint")
-    assert len(err.strip().splitlines()) == 1
-    run(train_flags + ["--experiment_name", "cond", "--max_steps", "2"], conditional=True)
+    exits_2(capsys, lambda: run_training(["--resume", str(junk)]), "not a PyTorch checkpoint")
+    run_training(train_flags + ["--experiment_name", "cond", "--max_steps", "2"], conditional=True)
     cond = tmp_path / "runs" / "cond" / "last.pth"
-    expect_exit_2(capsys, ["--resume", str(cond)], conditional=False, message="is a conditional checkpoint")
+    exits_2(capsys, lambda: run_training(["--resume", str(cond)]), "is a conditional checkpoint")
     before = sorted(os.listdir(tmp_path / "runs" / "cond"))
-    expect_exit_2(capsys, train_flags + ["--experiment_name", "cond"], conditional=True, message="already holds a run")
+    exits_2(capsys, lambda: run_training(train_flags + ["--experiment_name", "cond"], conditional=True),
+            "already holds a run")
     assert sorted(os.listdir(tmp_path / "runs" / "cond")) == before
 
 
@@ -213,56 +230,53 @@ def test_cli_help_shows_defaults():
 
 
 def test_padded_image_size(train_flags, tmp_path):
-    run(train_flags + ["--experiment_name", "pad", "--max_steps", "2", "--image_size", "32", "--attention_resolutions", "16"])
+    run_training(train_flags + ["--experiment_name", "pad", "--max_steps", "2", "--image_size", "32",
+                                "--attention_resolutions", "16"])
     ckpt = load_checkpoint(str(tmp_path / "runs" / "pad" / "last.pth"))
     assert ckpt["model_config"]["image_size"] == 32
     assert Image.open(tmp_path / "runs" / "pad" / "samples" / "epoch_000.png").size == (10 * 34 + 2, 10 * 34 + 2)
 
 
-def test_lr_schedule_ends_with_the_time_budget(train_flags):
-    """Warm-up by steps, then a cosine over the budget when --time_budget ends the run before the epochs do."""
-    flags = train_flags + ["--experiment_name", "lr", "--time_budget", "10", "--warmup_steps", "2"]
-    args, exp_dir, _ = trainer.setup(*trainer.parse_args(flags, conditional=False), conditional=False)
-    tr = trainer.Trainer(args, False, exp_dir, load_mnist(DATA_DIR))
-    tr.step = 1
-    assert tr.lr_factor() == pytest.approx(1.0)  # (1 + 1) / 2: the end of the warm-up
-    tr.step = 10  # far from the end of the 100 epochs: the clock decides
+@pytest.mark.unit
+def test_lr_schedule_ends_with_the_time_budget():
+    """Warm-up by steps, then a cosine over the budget when a time budget ends the run before the epochs do."""
+    assert lr_factor(1, 375_000, 2, 0.0, 600.0) == pytest.approx(1.0)  # (1 + 1) / 2: the end of the warm-up
     for seconds, factor in ((0, 1.0), (150, 0.5 * (1 + math.cos(math.pi / 4))), (300, 0.5), (600, 0.0), (900, 0.0)):
-        tr.clock = seconds
-        assert tr.lr_factor() == pytest.approx(factor, abs=1e-3), seconds
-    tr.args.time_budget = None  # without a budget the step count decides: 10 of 375,000 steps, still at the top
-    assert tr.lr_factor() == pytest.approx(1.0, abs=1e-6)
+        assert lr_factor(10, 375_000, 2, seconds, 600.0) == pytest.approx(factor, abs=1e-3), seconds
+    # without a budget the step count decides: 10 of 375,000 steps is still at the top, the last one at 0
+    assert lr_factor(10, 375_000, 2, 900, None) == pytest.approx(1.0, abs=1e-6)
+    assert lr_factor(375_000, 375_000, 2, 900, None) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_budgeted_run_stops_near_zero_lr(train_flags, tmp_path):
-    run(train_flags + ["--experiment_name", "anneal", "--time_budget", "0.15", "--log_every", "1"])
+    run_training(train_flags + ["--experiment_name", "anneal", "--time_budget", "0.15", "--log_every", "1"])
     events = EventAccumulator(str(tmp_path / "runs" / "anneal" / "logs"))
     events.Reload()
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert len(lrs) > 5 and max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.1 * max(lrs)
 
 
+@pytest.mark.unit
 def test_cpu_preset_sets_the_swept_recipe_and_flags_override_it():
-    args, given = trainer.parse_args(["--preset", "cpu", "--lr", "5e-4"], conditional=True)
+    args, given = config.parse_args(["--preset", "cpu", "--lr", "5e-4"], conditional=True)
     assert given == {"preset", "lr"}
     preset = config.PRESETS["cpu"]
     assert args.lr == 5e-4  # given on the command line: it wins
     assert args.time_budget == preset["time_budget"] and args.min_snr_gamma == preset["min_snr_gamma"] > 0
     assert args.channel_mult == preset["channel_mult"] == (1, 2, 2)  # typed, as the preset holds it
-    assert trainer.parse_args([], conditional=False)[0].time_budget is None  # no preset: the documented defaults
+    assert config.parse_args([], conditional=False)[0].time_budget is None  # no preset: the documented defaults
 
 
 @pytest.mark.slow
 def test_bench_times_the_preset_trainer_without_data(tmp_path):
     """bench.py builds the trainer train.py would build (the preset's exact network) and writes nothing but
     its report; the sampler columns follow from the measured network calls per second."""
-    import bench
     from checkpoint import build_model
+    from tools import bench
     bench.main(["--models", "cpu_preset", "--repeats", "1", "--device", "cpu", "--json", str(tmp_path / "b.json")])
     with open(tmp_path / "b.json") as f:
         (row,) = json.load(f)["rows"]
     preset_args, _ = config.parse_args(["--preset", "cpu"], conditional=False)
     assert row["params"] == sum(p.numel() for p in build_model(config.model_config(preset_args), False).parameters())
-    assert row["dpm_solver_20_images_per_s"] == pytest.approx(row["sampling_nfe_per_s"] / 20)
     assert row["train_images_per_s"] > 0 and 0.5 < row["sampler_loop_overhead"] < 3
     assert os.listdir(tmp_path) == ["b.json"]

@@ -2,9 +2,9 @@
 standard protocol), each metric beside the real MNIST test images at the same count, written to
 docs/results_10k.md (rows in docs/results_10k.json).
 
-    python results.py                                            # the two models shipped in assets/
-    python results.py --model preset_cpu=checkpoints/NAME/last.pth --no_inception
-    python results.py --only none                                # rewrite the table from its JSON
+    python -m tools.results                                      # the two models shipped in assets/
+    python -m tools.results --model preset_cpu=checkpoints/NAME/last.pth --no_inception
+    python -m tools.results --only none                          # rewrite the table from its JSON
 
 A model already in the JSON is scored again only when named; rows from earlier runs are kept, each with
 its date and whether Inception features were computed. On 2 CPU cores sampling 10,000 images takes
@@ -16,9 +16,9 @@ import time
 
 import eval as eval_script
 from checkpoint import PRETRAINED
-from cli import ArgumentParser, UserError, choose, guarded
-from fileio import load_rows, write_json, write_text
-from runtime import cpu_name
+from cli import ArgumentParser, UserError, guarded
+from fileio import write_json, write_text
+from tools.tables import choose, load_rows, machine
 
 METRICS = ("fid_inception", "fid_mnist", "is_mnist_mean", "precision", "recall", "class_accuracy")
 
@@ -32,10 +32,8 @@ def score(name: str, source: str, args) -> dict:
         flags += ["--guidance_scale", str(args.guidance_scale)]
     report = eval_script.main(flags)
     s = report["settings"]
-    guided = bool(s.get("guidance_scale"))
-    sampler = f"{s['method']}, {s['steps']} steps, eta {s['eta']:g}" + (f", w {s['guidance_scale']:g}" if guided else "")
-    return dict(model=name, source=source, num_samples=s["num_images"], sampler=sampler,
-                guidance_scale=s.get("guidance_scale"), network_evaluations=s["steps"] * (2 if guided else 1),
+    return dict(model=name, source=source, num_samples=s["num_images"], sampler=s["sampler"],
+                guidance_scale=s.get("guidance_scale"), network_evaluations=s["network_calls"],
                 sampling_seconds=report["seconds"]["generation"], step=s["step"],
                 **{k: report.get(k) for k in METRICS}, floor={k: (report["floor"] or {}).get(k) for k in METRICS},
                 inception=not args.no_inception, date=time.strftime("%Y-%m-%d"))
@@ -45,13 +43,13 @@ def fmt(value, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def write_table(rows: list, path: str, machine: str) -> None:
+def write_table(rows: list, path: str, where: str) -> None:
     n = rows[0]["num_samples"]
     floor = next((r["floor"] for r in rows if r["inception"]), rows[0]["floor"])
     head = ("| model | sampler | network calls | sampling s | fid_inception | fid_mnist | is_mnist | precision | recall "
             "| class accuracy | date |")
     lines = [f"# Results at N = {n:,}", "",
-             f"`python results.py` on {machine}: each model draws {n:,} images with the sampler of its row, which "
+             f"`python -m tools.results` on {where}: each model draws {n:,} images with the sampler of its row, which "
              "`eval.py` scores against the MNIST training set (fid_inception: TF-Inception pool3 features of "
              "10,000 training images; the rest: the repository's MNIST classifier). The last row is the real "
              f"MNIST test split, {n:,} images: the floor each metric is held to.", "",
@@ -93,14 +91,13 @@ def main(argv=None):
         models[name] = path
     names = choose(args.only, models, "models")
     rows_path, rows = load_rows(args.table)
-    machine = f"{cpu_name()}, {os.cpu_count()} CPU threads"
     for name in names:
         row = score(name, models[name], args)
         rows = [r for r in rows if r["model"] != name] + [row]
-        write_json(rows_path, dict(machine=machine, rows=rows))
+        write_json(rows_path, dict(machine=machine(), rows=rows))
         print(f"{name}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if row[k] is not None), flush=True)
     if rows:
-        write_table(rows, args.table, machine)
+        write_table(rows, args.table, machine())
         print(f"wrote {args.table}")
 
 

@@ -2,7 +2,7 @@
 (fid_mnist, is_mnist, precision/recall, class accuracy). Its weights ship in assets/; rerun this
 to reproduce them:
 
-    python train_classifier.py            # about 4 minutes on 2 CPU cores
+    python -m tools.train_classifier      # about 4 minutes on 2 CPU cores
 """
 import os
 

@@ -1,14 +1,15 @@
 """The CPU recipe sweep: train each candidate for the same wall-clock budget, sample N images with its
 sampler, score them with eval.py, and write one table (docs/cpu_recipe.md, rows in docs/cpu_recipe.json).
 
-    python sweep.py                          # every candidate: about 12 minutes each on 2 cores
-    python sweep.py --only bf16,bf16_minsnr  # some of them
-    python sweep.py --only none              # no training: rewrite the table from its JSON
-    python sweep.py --minutes 1 --num_samples 200 --out /tmp/quick --table /tmp/quick/table.md   # a quick look
+    python -m tools.sweep                          # every candidate: about 12 minutes each on 2 cores
+    python -m tools.sweep --only preset,v_pred     # some of them
+    python -m tools.sweep --only none              # no training: rewrite the table from its JSON
+    python -m tools.sweep --minutes 1 --num_samples 200 --out /tmp/quick --table /tmp/quick/table.md   # a quick look
 
-Each candidate is a full command line of train.py or train_conditional.py, so a row can be rerun by
-hand. Candidates already in the table's JSON are kept (use --rerun to train them again), so an
-interrupted sweep continues where it stopped. Every run also lands in TensorBoard's HParams tab:
+Each candidate is `--preset cpu` with some flags changed, written out as the full command line of train.py
+or train_conditional.py it runs, so that a row can be rerun by hand (and still can after the preset moves
+on). Candidates already in the table's JSON are kept (use --rerun to train them again), so an interrupted
+sweep continues where it stopped. Every run also lands in TensorBoard's HParams tab:
 `tensorboard --logdir checkpoints/sweep`.
 """
 import json
@@ -17,45 +18,31 @@ import subprocess
 import sys
 import time
 
-from cli import ArgumentParser, choose, fail, guarded
-from fileio import load_rows, write_json, write_text
-from runtime import cpu_name
+from cli import ArgumentParser, fail, guarded
+from config import PRESETS, flag_value
+from fileio import write_json, write_text
+from tools.tables import choose, load_rows, machine
 
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What every candidate changes in the preset: one evaluation, at the end, which the budget does not count.
+SWEEP = dict(save_freq=100, eval_freq=100)
 
-def flags(*groups: dict) -> list:
-    """A command line from flag dicts, later ones overriding earlier ones (so each flag appears once)."""
-    merged = {}
-    for group in groups:
-        merged.update(group)
-    return [part for name, value in merged.items() for part in (f"--{name}", str(value))]
-
-
-# The CPU preset before the sweep: 1.06M parameters, fp32, one epoch of batch 32.
-OLD_PRESET = dict(model_channels=32, channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="", dropout=0,
-                  batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999)
-# What every time-bound candidate shares: as many epochs as the budget allows, the LR annealed to the
-# budget's end, one evaluation (at the end).
-BF16 = dict(OLD_PRESET, epochs=100, save_freq=100, eval_freq=100, amp="bf16")
-MIN_SNR = dict(BF16, min_snr_gamma=5)
-
-# name: (script, flags, what it tries)
+# name: (script, the flags it changes in --preset cpu, what it tries)
 CANDIDATES = {
-    "old_preset": ("train.py", flags(OLD_PRESET, dict(epochs=1, amp="none")),
-                   "the previous preset: fp32, one epoch, which ends before the budget"),
-    "bf16": ("train.py", flags(BF16), "bf16 autocast, epochs until the budget ends, LR annealed to it"),
-    "bf16_minsnr": ("train.py", flags(MIN_SNR), "+ Min-SNR-5 loss weighting: now `--preset cpu`"),
-    "bf16_v_minsnr": ("train.py", flags(MIN_SNR, dict(prediction="v")), "+ v-prediction with Min-SNR-5"),
-    "bf16_124_attn7": ("train.py", flags(MIN_SNR, dict(channel_mult="1,2,4", attention_resolutions=7)),
-                       "+ Min-SNR-5, channels 32/64/128, self-attention at 7x7 (2.7M parameters)"),
-    "bf16_wide48": ("train.py", flags(MIN_SNR, dict(model_channels=48)),
-                    "+ Min-SNR-5, 48 channels (2.4M parameters)"),
-    "bf16_bs64": ("train.py", flags(MIN_SNR, dict(batch_size=64, lr=2e-3)), "+ Min-SNR-5, batch 64 at LR 2e-3"),
-    "bf16_lr2e-3": ("train.py", flags(MIN_SNR, dict(lr=2e-3)), "+ Min-SNR-5, LR 2e-3"),
-    "bf16_bs16": ("train.py", flags(MIN_SNR, dict(batch_size=16)), "+ Min-SNR-5, batch 16 (twice the steps)"),
-    "conditional_bf16_minsnr": ("train_conditional.py", flags(MIN_SNR, dict(guidance_scale=1.0)),
-                                "conditional, bf16, Min-SNR-5, guidance 1: now `train_conditional.py --preset cpu`"),
+    "preset": ("train.py", {}, "`--preset cpu`: 1.06M U-Net, bf16, Min-SNR-5, eps-prediction"),
+    "no_minsnr": ("train.py", dict(min_snr_gamma=0), "the preset without Min-SNR weighting"),
+    "v_pred": ("train.py", dict(prediction="v"), "+ v-prediction"),
+    "conditional": ("train_conditional.py", {}, "`train_conditional.py --preset cpu`"),
 }
+
+
+def command(name: str) -> list:
+    """The candidate's full command line: the preset's values, the sweep's and its own, each flag once."""
+    script, changes, _ = CANDIDATES[name]
+    merged = {**PRESETS["cpu"], **SWEEP, **changes}
+    return [script] + [part for key, value in merged.items() for part in (f"--{key}", flag_value(value))]
+
+
 COLUMNS = ("candidate", "steps", "images seen", "train s", "train img/s", "fid_mnist", "floor", "precision", "recall",
            "class_accuracy", "sampling s")
 
@@ -67,7 +54,7 @@ def run(cmd, log_path):
 
 
 def run_candidate(name, args):
-    script, flags, _ = CANDIDATES[name]
+    script, *flags = command(name)
     exp_dir = os.path.join(args.out, name)
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, f"{name}.log")
@@ -86,7 +73,8 @@ def run_candidate(name, args):
     with open(os.path.join(eval_dir, "metrics.json")) as f:
         metrics = json.load(f)
     settings = metrics["settings"]
-    return dict(candidate=name, script=script, flags=flags, minutes=args.minutes, steps=summary["steps"],
+    return dict(candidate=name, what=CANDIDATES[name][2], script=script, flags=flags, minutes=args.minutes,
+                steps=summary["steps"],
                 images_seen=summary["steps"] * batch, train_seconds=summary["wall_time_s"],
                 train_images_per_s=summary["steps"] * batch / summary["wall_time_s"],
                 fid_mnist=metrics["fid_mnist"], floor_fid_mnist=metrics["floor"]["fid_mnist"],
@@ -101,16 +89,16 @@ def fmt(v, digits=3):
     return "" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def write_table(rows, path, machine):
+def write_table(rows, path, where):
     lines = ["# CPU recipe sweep", "",
              f"Each candidate trained for the same wall-clock budget, then {rows[0]['num_samples']:,} samples "
              f"with the default sampler ({rows[0]['sampler']}) scored by `eval.py --no_inception`; `floor` is "
-             "fid_mnist of as many real MNIST test images. Made by `python sweep.py` on "
-             f"{machine}; the full command line of each candidate is in `sweep.py` and "
+             "fid_mnist of as many real MNIST test images. Made by `python -m tools.sweep` on "
+             f"{where}; the full command line of each candidate is in "
              f"`{os.path.splitext(os.path.basename(path))[0]}.json`.", "",
              "| " + " | ".join(COLUMNS) + " | what it tries | date |", "|" + "---|" * (len(COLUMNS) + 2)]
     for r in rows:
-        what = CANDIDATES.get(r["candidate"], (None, None, ""))[2]
+        what = r.get("what") or CANDIDATES.get(r["candidate"], (None, None, ""))[2]
         lines.append(f"| {r['candidate']} | {r['steps']:,} | {r['images_seen']:,} | {r['train_seconds']:.0f} | "
                      f"{r['train_images_per_s']:.0f} | "
                      f"{r['fid_mnist']:.1f} | {r['floor_fid_mnist']:.1f} | {fmt(r['precision'])} | "
@@ -136,18 +124,17 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     names = choose(args.only, CANDIDATES, "candidates")
     rows_path, rows = load_rows(args.table)
-    machine = f"{cpu_name()}, {os.cpu_count()} CPU threads"
     for name in names:
         if any(r["candidate"] == name for r in rows) and not args.rerun:
             print(f"{name}: in the table already (--rerun to train it again)")
             continue
         row = run_candidate(name, args)
         rows = [r for r in rows if r["candidate"] != name] + [row]
-        write_json(rows_path, dict(machine=machine, rows=rows))
+        write_json(rows_path, dict(machine=machine(), rows=rows))
         print(f"{name}: fid_mnist {row['fid_mnist']:.1f} (floor {row['floor_fid_mnist']:.1f}), "
               f"{row['images_seen']:,} images", flush=True)
     if rows:
-        write_table(rows, args.table, machine)
+        write_table(rows, args.table, machine())
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Speed of the two loops users wait on: the training step and the sampling step.
 
-    python bench.py                         # the documented model and the CPU preset, on this machine
-    python bench.py --compare diffusers     # also HF diffusers' UNet2DModel of the same configuration
-    python bench.py --json bench.json
-    python bench.py --amp bf16 --compile    # autocast, torch.compile (and --channels_last) as train.py takes them
+    python -m tools.bench                         # the documented model and the CPU preset, on this machine
+    python -m tools.bench --compare diffusers     # also HF diffusers' UNet2DModel of the same configuration
+    python -m tools.bench --json bench.json
+    python -m tools.bench --amp bf16 --compile    # autocast, torch.compile (and --channels_last) as train.py takes them
 
 For each model: parameters, forward FLOPs per image (torch.utils.flop_counter), training images/s of a
 full step (noise, forward, loss, backward, AdamW, EMA: the trainer's own train_step), network
@@ -21,11 +21,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import config
-import trainer as training
-from cli import ArgumentParser, add_speed_args, choose, guarded, replaced
+from cli import ArgumentParser, add_speed_args, guarded, replaced
 from ddpm_model import GaussianDiffusion
 from fileio import write_json
 from runtime import amp_dtype, pick_device
+from tools.tables import choose
+from trainer import Trainer
 
 
 def sync(device):
@@ -76,7 +77,7 @@ def bench_ours(flags, device, args, image_size=28):
     targs, _ = config.parse_args(flags, conditional=False)
     noise_digits = (torch.randint(0, 256, (args.batch_size, 28, 28), dtype=torch.uint8),
                     torch.zeros(args.batch_size, dtype=torch.long))  # the step's cost does not depend on them
-    tr = training.Trainer(targs, False, exp_dir=None, data=noise_digits)  # writes nothing
+    tr = Trainer(targs, False, exp_dir=None, data=noise_digits, device=device)  # writes nothing
     idx = torch.arange(args.batch_size, device=device)
     step_time = median_time(lambda: tr.train_step(idx), device, args.repeats)
     return tr.model, tr.ema, step_time, tr.autocast
@@ -108,7 +109,7 @@ def sampler_overhead(net, device, batch, image_size, call_time, autocast, steps=
 def bench_diffusers(config, device, args, autocast):
     """UNet2DModel with our channels, blocks and attention level, at 32x32 (its down/up path needs sizes
     divisible by 2^(levels-1))."""
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DModel  # requirements-bench.txt: optional, only for --compare diffusers
     mults, mc = config["channel_mult"], config["model_channels"]
     attn_levels, res = set(), config["image_size"]
     for level in range(len(mults)):  # the levels where ours has attention (32 -> 16 -> 8 -> 4)
