@@ -21,7 +21,7 @@ class RunArtefacts:
         self.args, self.exp_dir, self.ema, self.diffusion = args, exp_dir, ema, diffusion
         self.evaluator, self.writer, self.device, self.pad = evaluator, writer, device, pad
         self.sampler = sampler_settings(diffusion, args.sample_method, args.sample_steps, args.sample_eta,
-                                        getattr(args, "guidance_scale", 0.0))
+                                        getattr(args, "guidance_scale", 0.0), getattr(args, "guidance_interval", None))
 
     def survive(self, what: str, work, step: int):
         """work(), or None with a warning on stderr and in TensorBoard if it fails for any reason but a stop."""

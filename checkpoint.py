@@ -24,8 +24,8 @@ import pickle
 
 import torch
 
-from cli import ArgumentParser, UserError, guarded
-from conditional_ddpm import ConditionalUNet, check_guidance_scale
+from cli import ArgumentParser, UserError, float_list, guarded
+from conditional_ddpm import ConditionalUNet, check_guidance_interval, check_guidance_scale
 from ddpm_model import GaussianDiffusion, UNet
 from edm import KarrasDiffusion
 from fileio import atomic_write, read_checksums, sha256_file
@@ -85,25 +85,31 @@ def load_checkpoint(path: str, conditional: bool | None = None, map_location="cp
     return ckpt
 
 
-def sampling_copy(ckpt: dict, guidance_scale: float | None = None) -> dict:
+def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_interval=None) -> dict:
     """The checkpoint without what only training needs: the raw weights and the optimizer state;
-    `guidance_scale`, if given, becomes the copy's default guidance (the run's record stays as it was)."""
+    `guidance_scale` and `guidance_interval`, if given, become the copy's default guidance (the run's
+    record stays as it was)."""
     copy = {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
-    if guidance_scale is not None:
-        if not ckpt["conditional"]:
-            raise UserError("--guidance_scale is for conditional models")
-        try:
+    if (guidance_scale, guidance_interval) != (None, None) and not ckpt["conditional"]:
+        raise UserError("--guidance_scale and --guidance_interval are for conditional models")
+    try:
+        if guidance_scale is not None:
             copy["guidance_scale"] = float(check_guidance_scale(guidance_scale))
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        if guidance_interval is not None:
+            copy["guidance_interval"] = list(check_guidance_interval(guidance_interval))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     return copy
 
 
-def default_guidance(ckpt: dict) -> float:
-    """The guidance a checkpoint samples with unless told otherwise: its own, else its run's, 0 unconditional."""
+def default_guidance(ckpt: dict) -> tuple:
+    """(scale, interval) a checkpoint samples with unless told otherwise: its own, else its run's; (0, None)
+    for an unconditional model. The interval is None (guide at every noise level) before there was one."""
     if not ckpt["conditional"]:
-        return 0.0
-    return ckpt.get("guidance_scale", ckpt["config"].get("args", {}).get("guidance_scale", 0.0))
+        return 0.0, None
+    run = ckpt["config"].get("args", {})
+    interval = ckpt.get("guidance_interval", run.get("guidance_interval"))
+    return ckpt.get("guidance_scale", run.get("guidance_scale", 0.0)), None if interval is None else tuple(interval)
 
 
 def pretrained_path(kind: str) -> str:
@@ -153,10 +159,12 @@ def main(argv=None):
     p.add_argument("output", help="the file to write (refused if it exists)")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="the guidance the copy samples with by default (conditional models; default: the run's)")
+    p.add_argument("--guidance_interval", type=float_list, default=None, metavar="LO,HI",
+                   help="the noise levels it guides at by default (default: the run's)")
     args = p.parse_args(argv)
     if os.path.exists(args.output):
         raise UserError(f"{args.output} exists; remove it or choose another name")
-    copy = sampling_copy(load_checkpoint(args.checkpoint), args.guidance_scale)
+    copy = sampling_copy(load_checkpoint(args.checkpoint), args.guidance_scale, args.guidance_interval)
     atomic_write(args.output, lambda tmp: torch.save(copy, tmp))
     print(f"{args.output}: {os.path.getsize(args.output) / 1e6:.2f} MB, sha256 {sha256_file(args.output)}")
 

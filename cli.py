@@ -36,6 +36,14 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+def float_list(text: str) -> tuple:
+    """A comma-separated flag value as a tuple of floats."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated numbers expected, got {text!r}") from None
+
+
 def fail(message: str):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

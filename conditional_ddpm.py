@@ -46,19 +46,32 @@ def check_guidance_scale(w: float) -> float:
     return w
 
 
+def check_guidance_interval(interval) -> tuple | None:
+    """(lo, hi) as floats with 0 <= lo < hi, or None; ValueError otherwise."""
+    if interval is None:
+        return None
+    if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+        raise ValueError(f"--guidance_interval takes two noise levels LO,HI with 0 <= LO < HI, got {interval}")
+    return float(interval[0]), float(interval[1])
+
+
 class GuidedModel:
     """A model callable for the samplers: out = (1 + w) * f(x, t, y) - w * f(x, t, null).
 
-    Any prediction target works (eps, x0 or v): each is affine in eps given x_t, so mixing the
-    outputs is the same as mixing the eps predictions. w = 0 is plain conditional sampling and costs
-    one network call; w > 0 runs both branches in one batch.
+    Any prediction target works (eps, x0 or v, or a preconditioned network's output): each is affine in
+    eps given x_t, so mixing the outputs is the same as mixing the eps predictions. w = 0 is plain
+    conditional sampling and costs one network call; w > 0 runs both branches in one batch.
+
+    `guide(t)`, when given, says whether to guide a batch at the network's time input t: guidance limited
+    to an interval of noise levels (Kynkaanniemi et al. 2024), which costs one call outside it.
     """
 
-    def __init__(self, model: nn.Module, guidance_scale: float, null_class: int):
+    def __init__(self, model: nn.Module, guidance_scale: float, null_class: int, guide=None):
         self.model, self.w, self.null_class = model, check_guidance_scale(guidance_scale), null_class
+        self.guide = guide
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.w == 0:
+        if self.w == 0 or (self.guide is not None and not self.guide(t[:1])):  # a batch shares its noise level
             return self.model(x, t, y)
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_class)]))
         cond, uncond = out.chunk(2)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import edm
 from checkpoint import build_diffusion
-from cli import ArgumentParser, add_speed_args
-from conditional_ddpm import check_guidance_scale
+from cli import ArgumentParser, add_speed_args, float_list
+from conditional_ddpm import check_guidance_interval, check_guidance_scale
 from ddpm_model import ACTIVATIONS, BETA_SCHEDULES, PREDICTIONS, DiffusionConfig, ModelConfig
 from ddpm_model import METHODS as DDPM_METHODS
 from edm import KarrasConfig
@@ -64,6 +64,7 @@ class ConditioningConfig:
     num_classes: int = 10
     p_uncond: float = 0.1
     guidance_scale: float = 0.5
+    guidance_interval: tuple[float, ...] | None = None
 
 
 FORMULATIONS = ("ddpm",) + edm.FORMULATIONS
@@ -105,10 +106,11 @@ HELP = {
     "sample_eta": "its injected noise (default: the method's)",
     "p_uncond": "label dropout for classifier-free guidance",
     "guidance_scale": "w for sample grids and evaluations",
+    "guidance_interval": "guide those only at noise levels sigma in (LO, HI] (default: all)",
 }
 CHOICES = {"activation": tuple(ACTIVATIONS), "beta_schedule": BETA_SCHEDULES, "prediction": PREDICTIONS,
            "formulation": FORMULATIONS, "sample_method": tuple(dict.fromkeys(DDPM_METHODS + edm.METHODS))}
-METAVARS = {"resume": "PATH", "time_budget": "MINUTES"}
+METAVARS = {"resume": "PATH", "time_budget": "MINUTES", "guidance_interval": "LO,HI"}
 
 # A small model for machines without a GPU, the winner of tools/sweep.py (docs/cpu_recipe.md): 9.5 minutes of
 # training, as many epochs as that allows, the learning rate annealed to the budget's end.
@@ -130,6 +132,9 @@ def int_list(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from None
 
 
+LIST_PARSERS = {int: int_list, float: float_list}
+
+
 def flag_value(value) -> str:
     """A value as it is typed on the command line (and shown in --help): tuples comma-separated."""
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
@@ -141,10 +146,11 @@ def add_fields(group, config_class) -> None:
         kind = f.type
         if isinstance(kind, types.UnionType):  # X | None -> X
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        is_list = typing.get_origin(kind) is tuple  # argparse parses a string default as if typed: shown as typed
-        group.add_argument(f"--{f.name}", type=int_list if is_list else kind,
-                           default=flag_value(f.default) if is_list else f.default, help=HELP.get(f.name),
-                           choices=CHOICES.get(f.name), metavar=METAVARS.get(f.name))
+        is_list = typing.get_origin(kind) is tuple
+        default = flag_value(f.default) if is_list and f.default is not None else f.default  # parsed as if typed
+        group.add_argument(f"--{f.name}", type=LIST_PARSERS[typing.get_args(kind)[0]] if is_list else kind,
+                           default=default, help=HELP.get(f.name), choices=CHOICES.get(f.name),
+                           metavar=METAVARS.get(f.name))
 
 
 def build_parser(conditional: bool) -> argparse.ArgumentParser:
@@ -229,6 +235,7 @@ def check(args, conditional: bool) -> None:
         raise ValueError(f"--sample_eta must not be negative, got {args.sample_eta}")
     if conditional:
         check_guidance_scale(args.guidance_scale)
+        check_guidance_interval(args.guidance_interval)
         if args.num_classes < MNIST_CLASSES:
             raise ValueError(f"--num_classes must be at least {MNIST_CLASSES}: MNIST has labels 0-9, got "
                              f"{args.num_classes}")

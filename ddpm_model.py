@@ -345,6 +345,11 @@ class GaussianDiffusion(nn.Module):
             return x0
         return self._at(self.sqrt_ac, t, x0) * noise - self._at(self.sqrt_one_minus_ac, t, x0) * x0
 
+    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+        """The noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) of x_t / sqrt(alpha_bar) at timesteps t."""
+        ac = self.alphas_cumprod[t.long()].double()
+        return ((1 - ac) / ac).sqrt()
+
     def draw_noise_levels(self, n: int, device, generator=None) -> torch.Tensor:
         """Training timesteps, uniform over 0..T-1."""
         return torch.randint(0, self.timesteps, (n,), device=device, generator=generator)

@@ -145,6 +145,13 @@ class KarrasDiffusion(nn.Module):
         t = s / (1 + s)
         return 1 - t, -t, 1 - t, 1000 * t.flatten()  # x_t = (1 - t) x; D = x_t - t F
 
+    def sigma_at(self, t_in: torch.Tensor) -> torch.Tensor:
+        """The noise level behind the network's time input (the inverse of the preconditioning's t_in)."""
+        t_in = t_in.double()
+        if self.formulation == "edm":
+            return (t_in / 250).exp()
+        return (t_in / 1000) / (1 - t_in / 1000)
+
     def denoise(self, model: Callable, x: torch.Tensor, sigma: torch.Tensor, model_kwargs: dict | None = None):
         """D(x, sigma): the network's estimate of x0, in x's dtype."""
         c_skip, c_out, c_in, t_in = self.preconditioning(sigma)

@@ -173,15 +173,17 @@ def main(argv=None):
     if from_model:
         sampler = loaded.samplers[args.method]
         settings.update(source=loaded.model_path, **dataclasses.asdict(sampler), sampler=sampler.describe(),
-                        network_calls=sampler.network_calls, formulation=loaded.formulation, seed=args.seed,
+                        formulation=loaded.formulation, seed=args.seed,
                         batch_size=loaded.batch_size, ema=not args.no_ema, step=loaded.ckpt["step"], amp=args.amp)
         if not loaded.conditional:
             settings["guidance_scale"] = None
         start = time.perf_counter()
         labels = default_labels(loaded.model, args.num_samples)
+        stats = {}
         x = generate(loaded.model, loaded.diffusion, args.num_samples, sampler, labels=labels,
                      batch_size=loaded.batch_size, seed=args.seed, device=device, progress=True, amp=args.amp,
-                     compile_mode=args.compile, channels_last=args.channels_last)
+                     compile_mode=args.compile, channels_last=args.channels_last, stats=stats)
+        settings["network_calls"] = stats["network_calls"]
         images = to_uint8(x)
         generation_seconds = time.perf_counter() - start
     elif args.real:

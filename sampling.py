@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 
 import edm
 from checkpoint import PRETRAINED, default_guidance, load_checkpoint, model_from_checkpoint, pretrained_path
-from cli import UserError, add_speed_args
-from conditional_ddpm import ConditionalUNet, GuidedModel, check_guidance_scale
+from cli import UserError, add_speed_args, float_list
+from conditional_ddpm import ConditionalUNet, GuidedModel, check_guidance_interval, check_guidance_scale
 from ddpm_model import METHODS, GaussianDiffusion, make_generator, resolve_eta
 from runtime import amp_dtype, autocast, pick_device
 
@@ -21,26 +21,24 @@ ALL_METHODS = tuple(dict.fromkeys(METHODS + edm.METHODS))
 @dataclass(frozen=True)
 class SamplerSettings:
     """How to sample, complete: the method, its steps (all T for ddpm; noise levels for heun, network calls
-    for the others), its injected noise eta (0: deterministic) and the classifier-free guidance scale."""
+    for the others), its injected noise eta (0: deterministic), the classifier-free guidance scale and the
+    noise levels (lo, hi] it guides at (None: all)."""
     method: str
     steps: int
     eta: float
     guidance_scale: float = 0.0
-
-    @property
-    def network_calls(self) -> int:
-        """Per image: heun's second-order steps call the network twice but for the last; guidance doubles it."""
-        calls = 2 * self.steps - 1 if self.method == "heun" else self.steps
-        return calls * (2 if self.guidance_scale else 1)
+    guidance_interval: tuple | None = None
 
     def describe(self) -> str:
         noise = "" if self.method == "ddpm" else f", eta {self.eta:g}"
         guidance = f", w {self.guidance_scale:g}" if self.guidance_scale else ""
+        if self.guidance_scale and self.guidance_interval:
+            guidance += f" at sigma ({self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]"
         return f"{self.method}, {self.steps} steps{noise}{guidance}"
 
 
 def sampler_settings(diffusion, method: str, steps: int | None = None, eta: float | None = None,
-                     guidance_scale: float = 0.0) -> SamplerSettings:
+                     guidance_scale: float = 0.0, guidance_interval=None) -> SamplerSettings:
     """Checked settings for `diffusion`, defaults from its SAMPLERS table; UserError naming the bad flag."""
     if method not in diffusion.SAMPLERS:
         raise UserError(f"--method {method} is not a sampler of this model; it takes {', '.join(diffusion.SAMPLERS)}")
@@ -51,9 +49,10 @@ def sampler_settings(diffusion, method: str, steps: int | None = None, eta: floa
     try:
         eta = resolve_eta(method, diffusion.SAMPLERS, eta)
         check_guidance_scale(guidance_scale)
+        guidance_interval = check_guidance_interval(guidance_interval)
     except ValueError as e:
         raise UserError(str(e)) from None
-    return SamplerSettings(method, steps, eta, guidance_scale)
+    return SamplerSettings(method, steps, eta, guidance_scale, guidance_interval)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, methods=ALL_METHODS, batch_size: int | None = None) -> None:
@@ -74,6 +73,8 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=ALL_METHODS, batch_siz
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance w (conditional models); default: the checkpoint's (a "
                         "sampling copy's own, else its training run's)")
+    p.add_argument("--guidance_interval", type=float_list, default=None, metavar="LO,HI",
+                   help="guide only at noise levels sigma in (LO, HI]; default: the checkpoint's (none: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=batch_size, help="images per sampling batch" + (
         "" if batch_size else "; None: 256 on CUDA, 64 elsewhere (faster than larger batches on CPUs)"))
@@ -116,11 +117,13 @@ def load_model(args, methods, want_conditional: bool = False) -> Loaded:
         path, output_root = pretrained_path(kind), os.path.join("outputs", f"pretrained_{kind}")
     ckpt = load_checkpoint(path)
     model, diffusion = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
-    guidance = default_guidance(ckpt) if args.guidance_scale is None else args.guidance_scale
+    scale, interval = default_guidance(ckpt)
+    guidance = dict(guidance_scale=scale if args.guidance_scale is None else args.guidance_scale,
+                    guidance_interval=interval if args.guidance_interval is None else args.guidance_interval)
     samplers = {}
     for method in methods:  # --steps is for the few-step samplers: the ddpm half of --method both / --comparison takes all T
         steps = args.steps if method != "ddpm" or args.method == "ddpm" else None
-        samplers[method] = sampler_settings(diffusion, method, steps, args.eta, guidance)
+        samplers[method] = sampler_settings(diffusion, method, steps, args.eta, **guidance)
     device = pick_device(args.device)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
@@ -146,7 +149,7 @@ def digit_rows(num_classes: int, per_class: int) -> torch.Tensor:
 def generate(model, diffusion, num_samples: int, sampler: SamplerSettings, labels: torch.Tensor | None = None,
              batch_size: int = 256, seed=0, device="cpu", progress: bool = False, amp: str = "auto",
              compile_mode: str | None = None, channels_last: bool = False, noise: torch.Tensor | None = None,
-             return_intermediates: bool = False):
+             return_intermediates: bool = False, stats: dict | None = None):
     """`num_samples` images in model range [-1, 1], shape [N, 1, H, W], on the CPU.
 
     Conditional models sample `labels` (default_labels when None) with the sampler's guidance.
@@ -154,15 +157,25 @@ def generate(model, diffusion, num_samples: int, sampler: SamplerSettings, label
     (or from `noise`, [N, C, H, W], when given). With return_intermediates, also returns the
     (t, x_t) trajectory of the first batch. `amp` is an --amp choice, `compile_mode` a torch.compile
     mode for the network call (reduce-overhead adds CUDA graphs on CUDA), `channels_last` its layout.
+    `stats`, if given, receives the network calls made per image (guidance and its interval included).
     """
     device = torch.device(device)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     diffusion = diffusion.to(device)
     conditional = is_conditional(model)
-    net = torch.compile(model, mode=compile_mode) if compile_mode else model
+    compiled = torch.compile(model, mode=compile_mode) if compile_mode else model
+    evaluated = [0]
+
+    def net(x, t, *args, **kwargs):
+        evaluated[0] += x.shape[0]
+        return compiled(x, t, *args, **kwargs)
     if conditional:
         labels = default_labels(model, num_samples) if labels is None else labels
-        model_fn = GuidedModel(net, sampler.guidance_scale, model.null_class)
+        guide = None
+        if sampler.guidance_interval is not None:
+            lo, hi = sampler.guidance_interval
+            guide = lambda t: bool(lo < diffusion.sigma_at(t).item() <= hi)
+        model_fn = GuidedModel(net, sampler.guidance_scale, model.null_class, guide)
     else:
         model_fn = net
     size = model.config["image_size"]
@@ -183,4 +196,6 @@ def generate(model, diffusion, num_samples: int, sampler: SamplerSettings, label
                 result, trajectory = result
             out.append(result.float().cpu())
     images = torch.cat(out)
+    if stats is not None:
+        stats["network_calls"] = evaluated[0] / num_samples
     return (images, [(t, x.float().cpu()) for t, x in trajectory]) if return_intermediates else images

@@ -109,6 +109,22 @@ def test_trajectory_runs_from_the_seeds_noise_to_the_samples(checkpoints):
 
 
 @pytest.mark.unit
+def test_guidance_interval_counts_and_changes_only_the_steps_inside(checkpoints):
+    """DDIM's 4 steps visit t = 19, 13, 6, 0 of T=20; an interval holding the noise levels of the middle two
+    guides those (2 calls each) and no others: 6 calls per image. An empty interval is plain sampling."""
+    model, diffusion = tiny_model(checkpoints, True)
+    sigmas = diffusion.sigma_at(torch.tensor([19, 13, 6, 0]))
+    interval = (sigmas[3].item() + 1e-3, sigmas[1].item())  # (sigma_0, sigma_13]: t = 13 and 6
+    runs = {}
+    for name, w, span in (("inside", 1.5, interval), ("nowhere", 1.5, (1e6, 2e6)), ("plain", 0.0, None)):
+        stats = {}
+        sampler = SamplerSettings("ddim", 4, 0.0, w, span)
+        runs[name] = generate(model, diffusion, 10, sampler, seed=3, stats=stats), stats["network_calls"]
+    assert [runs[k][1] for k in ("inside", "nowhere", "plain")] == [6, 4, 4]
+    assert torch.equal(runs["nowhere"][0], runs["plain"][0]) and not torch.equal(runs["inside"][0], runs["plain"][0])
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("conditional", [False, True])
 def test_speed_flags_keep_the_samples(checkpoints, conditional):
     model, diffusion = tiny_model(checkpoints, conditional)

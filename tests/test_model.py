@@ -78,6 +78,22 @@ def test_guided_model_formula():
     torch.testing.assert_close(GuidedModel(f, 0.0, null_class=10)(x, t, y)[:, 0, 0, 0], y.float())
 
 
+def test_guidance_interval_guides_only_inside_it():
+    """Outside the interval a batch costs one network call and is the plain conditional output; inside, the
+    guided mix of both branches."""
+    calls = []
+
+    def f(x, t, y):
+        calls.append(len(x))
+        return x * 0 + y.view(-1, 1, 1, 1).float()
+    x, y = torch.zeros(3, 1, 2, 2), torch.tensor([1, 2, 3])
+    guided = GuidedModel(f, 2.0, null_class=10, guide=lambda t: bool(t.item() >= 500))
+    inside, outside = guided(x, torch.full((3,), 700), y), guided(x, torch.full((3,), 100), y)
+    torch.testing.assert_close(inside[:, 0, 0, 0], 3.0 * y.float() - 2.0 * 10)
+    torch.testing.assert_close(outside[:, 0, 0, 0], y.float())
+    assert calls == [6, 3]
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def make_checkpoint(path, conditional=False):

@@ -64,7 +64,7 @@ def test_inference_without_a_model_path_samples_the_shipped_models(tmp_path, mon
         assert written == os.path.join("outputs", f"pretrained_{kind}", "inference", "samples_dpm_solver.png")
         ckpt = load_checkpoint(pretrained_path(kind))
         model, diffusion = model_from_checkpoint(ckpt)
-        sampler = sampler_settings(diffusion, "dpm_solver", 3, None, checkpoint.default_guidance(ckpt))
+        sampler = sampler_settings(diffusion, "dpm_solver", 3, None, *checkpoint.default_guidance(ckpt))
         expected = to_uint8(generate(model, diffusion, len(labels) if labels is not None else 4, sampler,
                                      labels=labels, batch_size=64, seed=0)).numpy()
         assert np.abs(grid_tiles(written).astype(int) - expected).max() <= 1, kind
@@ -98,7 +98,7 @@ def test_a_sampling_copy_carries_its_own_guidance(tmp_path, train_flags, capsys)
         return load_model(args, ["dpm_solver"]).samplers["dpm_solver"].guidance_scale
     assert guidance(last) == 2.0 and guidance(copy) == 0.25 and guidance(copy, "--guidance_scale", "0") == 0.0
     assert load_checkpoint(str(copy))["config"] == load_checkpoint(str(last))["config"]  # the run's record as it was
-    assert checkpoint.default_guidance(load_checkpoint(pretrained_path("conditional"))) == 0.5  # docs/samplers.md
+    assert checkpoint.default_guidance(load_checkpoint(pretrained_path("conditional"))) == (0.5, None)  # samplers.md
     for source, w, message in ((pretrained_path("unconditional"), "1", "for conditional models"),
                                (last, "-1", "must not be negative")):
         exits_2(capsys, lambda: checkpoint.main([str(source), str(tmp_path / "refused.pt"), "--guidance_scale", w]),
