@@ -14,7 +14,7 @@ import edm
 from checkpoint import build_diffusion
 from cli import ArgumentParser, add_speed_args, float_list
 from conditional_ddpm import check_guidance_interval, check_guidance_scale
-from ddpm_model import ACTIVATIONS, BETA_SCHEDULES, PREDICTIONS, DiffusionConfig, ModelConfig
+from ddpm_model import ACTIVATIONS, BETA_SCHEDULES, PREDICTIONS, TIMESTEP_SAMPLING, DiffusionConfig, ModelConfig, NoiseLevelConfig
 from ddpm_model import METHODS as DDPM_METHODS
 from edm import KarrasConfig
 
@@ -97,9 +97,11 @@ HELP = {
     "timesteps": "ddpm: diffusion steps T",
     "beta_schedule": "ddpm: the noise schedule",
     "prediction": "ddpm: what the network predicts",
+    "logsnr_shift": "ddpm: added to the schedule's log-SNR at every step; > 0 is less noise (for small images)",
+    "timestep_sampling": "ddpm: training timesteps uniform, or lognormal: at ln(sigma) ~ N(p_mean, p_std^2)",
     "sigma_data": "edm: the data's scale in its preconditioning",
-    "p_mean": "edm, flow: training noise levels ln(sigma) ~ N(p_mean, p_std^2)",
-    "p_std": "edm, flow: see --p_mean",
+    "p_mean": "edm, flow, ddpm's lognormal timesteps: training noise levels ln(sigma) ~ N(p_mean, p_std^2)",
+    "p_std": "see --p_mean",
     "sample_method": "sampler for grids and evaluations (ddpm, ddim, dpm_solver for --formulation ddpm; heun, "
                      "dpm_solver, euler for edm and flow)",
     "sample_steps": "its steps (default: the method's; ddpm takes all T)",
@@ -109,6 +111,7 @@ HELP = {
     "guidance_interval": "guide those only at noise levels sigma in (LO, HI] (default: all)",
 }
 CHOICES = {"activation": tuple(ACTIVATIONS), "beta_schedule": BETA_SCHEDULES, "prediction": PREDICTIONS,
+           "timestep_sampling": TIMESTEP_SAMPLING,
            "formulation": FORMULATIONS, "sample_method": tuple(dict.fromkeys(DDPM_METHODS + edm.METHODS))}
 METAVARS = {"resume": "PATH", "time_budget": "MINUTES", "guidance_interval": "LO,HI"}
 
@@ -160,7 +163,7 @@ def build_parser(conditional: bool) -> argparse.ArgumentParser:
                    help="a named configuration; flags given on the command line override it. cpu: "
                         + " ".join(f"--{k} {flag_value(v) or repr('')}" for k, v in PRESETS["cpu"].items()))
     groups = [("training", [TrainingConfig]), ("model", [ModelConfig]),
-              ("diffusion", [FormulationConfig, DiffusionConfig, KarrasConfig]),
+              ("diffusion", [FormulationConfig, DiffusionConfig, KarrasConfig, NoiseLevelConfig]),
               ("sample grids and evaluations", [GridSamplerConfig])]
     if conditional:
         groups.append(("conditioning", [ConditioningConfig]))
@@ -250,9 +253,10 @@ def values(args, config_class) -> dict:
 
 def diffusion_config(args) -> dict:
     """The keyword arguments of the run's process: GaussianDiffusion's (ddpm), else KarrasDiffusion's."""
+    noise_levels = values(args, NoiseLevelConfig)
     if args.formulation == "ddpm":
-        return values(args, DiffusionConfig)
-    return dict(formulation=args.formulation, **values(args, KarrasConfig))
+        return {**values(args, DiffusionConfig), **(noise_levels if args.timestep_sampling == "lognormal" else {})}
+    return dict(formulation=args.formulation, **values(args, KarrasConfig), **noise_levels)
 
 
 def model_config(args) -> dict:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 PREDICTIONS = ("eps", "x0", "v")
 BETA_SCHEDULES = ("linear", "cosine")
+TIMESTEP_SAMPLING = ("uniform", "lognormal")
 
 
 class SamplerDefaults(NamedTuple):
@@ -49,10 +50,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The discrete diffusion process: GaussianDiffusion's keyword arguments and their defaults."""
+    """The discrete diffusion process: GaussianDiffusion's keyword arguments and their defaults (but for the
+    noise-level distribution of NoiseLevelConfig)."""
     timesteps: int = 1000
     beta_schedule: str = "linear"
     prediction: str = "eps"
+    logsnr_shift: float = 0.0
+    timestep_sampling: str = "uniform"
+
+
+@dataclass(frozen=True)
+class NoiseLevelConfig:
+    """Training noise levels ln(sigma) ~ N(p_mean, p_std^2), EDM's for CIFAR-10 by default: for the continuous
+    formulations (edm.py), and for GaussianDiffusion's lognormal timestep sampling."""
+    p_mean: float = -1.2
+    p_std: float = 1.2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,16 +253,26 @@ def check_schedule(schedule: str, timesteps: int) -> None:
                          f"exceed 1), got {timesteps}; the cosine schedule takes any T")
 
 
-def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
-    """Linear 1e-4..0.02 (Ho et al., scaled to T) or cosine (Nichol & Dhariwal 2021), in float64."""
+def make_betas(schedule: str, timesteps: int, logsnr_shift: float = 0.0) -> torch.Tensor:
+    """Linear 1e-4..0.02 (Ho et al., scaled to T) or cosine (Nichol & Dhariwal 2021), in float64.
+
+    logsnr_shift adds a constant to log(alpha_bar / (1 - alpha_bar)) at every step: the resolution shift of
+    Hoogeboom et al. 2023 ("simple diffusion"), where positive values mean less noise, the direction for
+    images smaller than those the schedules were made for.
+    """
     check_schedule(schedule, timesteps)
     if schedule == "linear":
         scale = 1000 / timesteps  # keeps the total noise of the T=1000 schedule for other T
-        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
-    s = 0.008  # cosine
-    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    else:
+        s = 0.008  # cosine
+        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    if logsnr_shift == 0:
+        return betas
+    ac = torch.sigmoid(torch.logit(torch.cumprod(1 - betas, 0)) + logsnr_shift)
+    return 1 - ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
 
 
 def run_sampler(loop, steps: int, method: str, start: tuple, progress: bool, return_intermediates: bool, view=None):
@@ -311,13 +333,24 @@ class GaussianDiffusion(nn.Module):
     SAMPLERS = SAMPLERS
 
     def __init__(self, timesteps: int = DiffusionConfig.timesteps, beta_schedule: str = DiffusionConfig.beta_schedule,
-                 prediction: str = DiffusionConfig.prediction):
+                 prediction: str = DiffusionConfig.prediction, logsnr_shift: float = DiffusionConfig.logsnr_shift,
+                 timestep_sampling: str = DiffusionConfig.timestep_sampling, p_mean: float = NoiseLevelConfig.p_mean,
+                 p_std: float = NoiseLevelConfig.p_std):
+        """timestep_sampling: training timesteps uniform over 0..T-1, or lognormal: the timestep whose
+        sigma = sqrt((1 - alpha_bar) / alpha_bar) is the first at or above a draw of ln(sigma) ~ N(p_mean, p_std^2)."""
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        self.config = dict(timesteps=timesteps, beta_schedule=beta_schedule, prediction=prediction)
+        if timestep_sampling not in TIMESTEP_SAMPLING or p_std <= 0:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING} and p_std positive, got "
+                             f"{timestep_sampling!r}, {p_std}")
+        self.config = dict(timesteps=timesteps, beta_schedule=beta_schedule, prediction=prediction,
+                           logsnr_shift=logsnr_shift, timestep_sampling=timestep_sampling)
+        if timestep_sampling == "lognormal":
+            self.config.update(p_mean=p_mean, p_std=p_std)
         self.timesteps, self.prediction = timesteps, prediction
-        betas = make_betas(beta_schedule, timesteps)
+        self.timestep_sampling, self.p_mean, self.p_std = timestep_sampling, p_mean, p_std
+        betas = make_betas(beta_schedule, timesteps, logsnr_shift)
         alphas = 1 - betas
         ac = torch.cumprod(alphas, 0)
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
@@ -351,8 +384,12 @@ class GaussianDiffusion(nn.Module):
         return ((1 - ac) / ac).sqrt()
 
     def draw_noise_levels(self, n: int, device, generator=None) -> torch.Tensor:
-        """Training timesteps, uniform over 0..T-1."""
-        return torch.randint(0, self.timesteps, (n,), device=device, generator=generator)
+        """Training timesteps, by timestep_sampling."""
+        if self.timestep_sampling == "uniform":
+            return torch.randint(0, self.timesteps, (n,), device=device, generator=generator)
+        sigma = (self.p_mean + self.p_std * torch.randn(n, device=device, generator=generator)).exp()
+        table = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()  # increasing in t
+        return torch.searchsorted(table, sigma).clamp(max=self.timesteps - 1)
 
     def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict | None = None,
                       generator: torch.Generator | None = None, t: torch.Tensor | None = None,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ddpm_model import SamplerDefaults, make_generator, resolve_eta, run_sampler
+from ddpm_model import NoiseLevelConfig, SamplerDefaults, make_generator, resolve_eta, run_sampler
 
 FORMULATIONS = ("edm", "flow")
 # Heun's steps are noise levels (2 steps - 1 network calls, EDM's 18 levels = 35 calls); the others' are calls.
@@ -36,11 +36,9 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # the ends of the sampling grid (EDM's)
 
 @dataclass(frozen=True)
 class KarrasConfig:
-    """The training side of a continuous formulation: KarrasDiffusion's keyword arguments besides the
-    formulation, and their defaults (EDM's for CIFAR-10)."""
+    """The preconditioning's data scale; with the formulation and NoiseLevelConfig, KarrasDiffusion's
+    keyword arguments (EDM's defaults for CIFAR-10)."""
     sigma_data: float = 0.5
-    p_mean: float = -1.2
-    p_std: float = 1.2
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = RHO) -> list:
@@ -123,7 +121,7 @@ class KarrasDiffusion(nn.Module):
     SAMPLERS = SAMPLERS
 
     def __init__(self, formulation: str = "edm", sigma_data: float = KarrasConfig.sigma_data,
-                 p_mean: float = KarrasConfig.p_mean, p_std: float = KarrasConfig.p_std, sigma_min: float = SIGMA_MIN,
+                 p_mean: float = NoiseLevelConfig.p_mean, p_std: float = NoiseLevelConfig.p_std, sigma_min: float = SIGMA_MIN,
                  sigma_max: float = SIGMA_MAX):
         super().__init__()
         if formulation not in FORMULATIONS:

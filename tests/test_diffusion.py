@@ -48,6 +48,25 @@ def test_cosine_schedule_matches_closed_form():
     torch.testing.assert_close(d.posterior_mean_coef_x0.double()[ok], (ac_prev.sqrt() * b / (1 - ac))[ok], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_logsnr_shift_moves_every_step_by_the_same_amount(schedule):
+    plain, shifted = GaussianDiffusion(T, schedule), GaussianDiffusion(T, schedule, logsnr_shift=2.0)
+    logsnr = lambda d: torch.logit(d.alphas_cumprod.double())
+    ok = plain.alphas_cumprod < 0.9999  # float32 buffers round alpha_bar near 1
+    torch.testing.assert_close((logsnr(shifted) - logsnr(plain))[ok], torch.full((int(ok.sum()),), 2.0,
+                                                                                 dtype=torch.float64), atol=2e-3, rtol=0)
+    assert (shifted.alphas_cumprod > plain.alphas_cumprod).all()  # less noise at every step
+
+
+def test_lognormal_timesteps_follow_their_sigma_law():
+    d = GaussianDiffusion(T, timestep_sampling="lognormal", p_mean=0.5, p_std=0.8)
+    t = d.draw_noise_levels(200_000, "cpu", torch.Generator().manual_seed(0))
+    log_sigma = d.sigma_at(t).log()
+    assert log_sigma.mean().item() == pytest.approx(0.5, abs=0.01) and log_sigma.std().item() == pytest.approx(0.8, abs=0.01)
+    uniform = GaussianDiffusion(T).draw_noise_levels(200_000, "cpu", torch.Generator().manual_seed(0))
+    assert abs(uniform.float().mean().item() - (T - 1) / 2) < 2
+
+
 def test_q_sample_has_the_forward_marginal():
     d = GaussianDiffusion(T)
     x0 = torch.full((200_000,), M)
