@@ -114,7 +114,8 @@ def test_checkpoint_round_trip(tmp_path, conditional):
     assert ckpt["step"] == 7 and ckpt["config"] == {"lr": 1e-3}
     loaded, diffusion = model_from_checkpoint(ckpt)
     assert type(loaded) is type(model) and not loaded.training
-    assert diffusion.config == dict(timesteps=100, beta_schedule="cosine", prediction="v")
+    assert diffusion.config == dict(timesteps=100, beta_schedule="cosine", prediction="v", logsnr_shift=0.0,
+                                    timestep_sampling="uniform")
     for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()):
         assert torch.equal(a, b)
     raw, _ = model_from_checkpoint(ckpt, use_ema=False)
