@@ -92,6 +92,7 @@ HELP = {
     "num_res_blocks": "residual blocks per level",
     "attention_resolutions": "feature-map sizes with self-attention; '' for none",
     "image_size": "28 is native; larger even sizes pad the digits (32 to compare with 32x32-only models)",
+    "norm_groups": "the most groups a GroupNorm has (it keeps at least 4 channels a group; 1 is a layer norm)",
     "formulation": "ddpm: the discrete process of --timesteps, --beta_schedule and --prediction; edm, flow: "
                    "continuous noise levels (edm.py) of --sigma_data, --p_mean and --p_std",
     "timesteps": "ddpm: diffusion steps T",

@@ -5,6 +5,7 @@ callable `model(x_t, t, **model_kwargs)` that returns the prediction target (eps
 same loops serve the unconditional model, the conditional one, classifier-free guidance and the
 closed-form oracles in the tests.
 """
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class ModelConfig:
     dropout: float = 0.1
     activation: str = "relu"
     image_size: int = 28
+    norm_groups: int = 32
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """32 groups, as in DDPM, but never fewer than 4 channels a group: with one channel a group the
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    """max_groups groups (DDPM's 32), but never fewer than 4 channels a group: with one channel a group the
     norm becomes an instance norm and erases each map's mean, which small models need (background level)."""
-    groups = min(32, max(1, channels // 4))
+    groups = min(max_groups, max(1, channels // 4))
     while channels % groups:
         groups -= 1
     return nn.GroupNorm(groups, channels)
@@ -92,11 +94,11 @@ def group_norm(channels: int) -> nn.GroupNorm:
 class ResBlock(nn.Module):
     """Two 3x3 convolutions with the (time [+ class]) embedding added in between."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, act: type):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, act: type, norm: Callable = group_norm):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(in_ch), act(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(norm(in_ch), act(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_proj = nn.Sequential(act(), nn.Linear(emb_dim, out_ch))
-        self.out_layers = nn.Sequential(group_norm(out_ch), act(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(norm(out_ch), act(), nn.Dropout(dropout),
                                         nn.Conv2d(out_ch, out_ch, 3, padding=1))
         nn.init.zeros_(self.out_layers[-1].weight)  # each block starts as the identity: stable early training
         nn.init.zeros_(self.out_layers[-1].bias)
@@ -110,10 +112,10 @@ class ResBlock(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention over all pixels of a feature map, with a residual connection."""
 
-    def __init__(self, channels: int, head_dim: int = 64):
+    def __init__(self, channels: int, head_dim: int = 64, norm: Callable = group_norm):
         super().__init__()
         self.heads = max(1, channels // head_dim)
-        self.norm = group_norm(channels)
+        self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.proj.weight)
@@ -158,7 +160,7 @@ class UNet(nn.Module):
                  channel_mult: Sequence[int] = ModelConfig.channel_mult, num_res_blocks: int = ModelConfig.num_res_blocks,
                  attention_resolutions: Sequence[int] = ModelConfig.attention_resolutions,
                  dropout: float = ModelConfig.dropout, activation: str = ModelConfig.activation,
-                 image_size: int = ModelConfig.image_size):
+                 image_size: int = ModelConfig.image_size, norm_groups: int = ModelConfig.norm_groups):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -166,14 +168,15 @@ class UNet(nn.Module):
         self.config = dict(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
                            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
                            attention_resolutions=list(attention_resolutions), dropout=dropout,
-                           activation=activation, image_size=image_size)
+                           activation=activation, image_size=image_size, norm_groups=norm_groups)
         self.model_channels = model_channels
+        norm = functools.partial(group_norm, max_groups=norm_groups)
         emb_dim = 4 * model_channels
         self.emb_dim = emb_dim
         self.time_mlp = nn.Sequential(nn.Linear(model_channels, emb_dim), act(), nn.Linear(emb_dim, emb_dim))
 
         def attention(ch: int, res: int) -> nn.Module:
-            return SelfAttention(ch) if res in attention_resolutions else nn.Identity()
+            return SelfAttention(ch, norm=norm) if res in attention_resolutions else nn.Identity()
 
         self.input_conv = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         ch, res = model_channels, image_size
@@ -182,7 +185,7 @@ class UNet(nn.Module):
         for level, mult in enumerate(channel_mult):
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(ch, mult * model_channels, emb_dim, dropout, act))
+                blocks.append(ResBlock(ch, mult * model_channels, emb_dim, dropout, act, norm))
                 ch = mult * model_channels
                 attns.append(attention(ch, res))
                 skip_channels.append(ch)
@@ -192,14 +195,14 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
                 res = (res + 1) // 2
 
-        self.mid_blocks = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, act) for _ in range(2)])
-        self.mid_attn = SelfAttention(ch)
+        self.mid_blocks = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, act, norm) for _ in range(2)])
+        self.mid_attn = SelfAttention(ch, norm=norm)
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(ch + skip_channels.pop(), mult * model_channels, emb_dim, dropout, act))
+                blocks.append(ResBlock(ch + skip_channels.pop(), mult * model_channels, emb_dim, dropout, act, norm))
                 ch = mult * model_channels
                 attns.append(attention(ch, res))
             if level > 0:
@@ -208,7 +211,7 @@ class UNet(nn.Module):
                     res = (res + 1) // 2
             self.up.append(Level(blocks, attns, Upsample(ch) if level > 0 else None))
 
-        self.out = nn.Sequential(group_norm(ch), act(), nn.Conv2d(ch, out_channels, 3, padding=1))
+        self.out = nn.Sequential(norm(ch), act(), nn.Conv2d(ch, out_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

@@ -58,6 +58,13 @@ def test_activation_choice():
         UNet(**TINY, activation="gelu")
 
 
+def test_norm_groups_sets_every_group_norm():
+    """At most norm_groups groups and at least 4 channels a group, in every norm of the network."""
+    for max_groups, expected in ((32, lambda c: min(32, c // 4)), (1, lambda c: 1)):
+        norms = [m for m in UNet(**TINY, norm_groups=max_groups).modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert len(norms) > 10 and all(m.num_groups == expected(m.num_channels) for m in norms), max_groups
+
+
 def test_default_model_size():
     assert sum(p.numel() for p in UNet().parameters()) == 35_741_697  # the count the README states
 
