@@ -11,7 +11,7 @@ import config
 import eval as eval_script
 import inference
 from conftest import REPO
-from tools import bench, flags, results, sweep
+from tools import bench, flags, results, samplers, sweep
 
 pytestmark = pytest.mark.unit
 
@@ -29,7 +29,7 @@ def test_flag_reference_is_current():
 def test_readme_names_only_real_flags():
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z_-]+", read_readme()))
     parsers = [config.build_parser(False), config.build_parser(True), inference.build_parser(), eval_script.build_parser(),
-               sweep.build_parser(), bench.build_parser(), results.build_parser()]
+               sweep.build_parser(), bench.build_parser(), results.build_parser(), samplers.build_parser()]
     known = {name for p in parsers for action in p._actions for name in action.option_strings}
     tools = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint",
              "--logdir", "--no-deps", "--help"}  # torchrun's, tensorboard's, pip's

@@ -23,13 +23,11 @@ from tools.tables import choose, load_rows, machine
 METRICS = ("fid_inception", "fid_mnist", "is_mnist_mean", "precision", "recall", "class_accuracy")
 
 
-def score(name: str, source: str, args) -> dict:
-    """eval.py on one model; source is a checkpoint path or pretrained:KIND."""
+def score(name: str, source: str, args, sampler_flags=()) -> dict:
+    """eval.py on one model; source is a checkpoint path or pretrained:KIND; sampler_flags are eval.py's."""
     model = ["--pretrained", source.split(":", 1)[1]] if source.startswith("pretrained:") else ["--model_path", source]
     flags = model + ["--num_samples", str(args.num_samples), "--save_dir", os.path.join(args.out, name),
-                     "--data_dir", args.data_dir] + (["--no_inception"] if args.no_inception else [])
-    if args.guidance_scale is not None:  # unconditional models ignore it
-        flags += ["--guidance_scale", str(args.guidance_scale)]
+                     "--data_dir", args.data_dir] + (["--no_inception"] if args.no_inception else []) + list(sampler_flags)
     report = eval_script.main(flags)
     s = report["settings"]
     return dict(model=name, source=source, num_samples=s["num_images"], sampler=s["sampler"],
@@ -43,24 +41,28 @@ def fmt(value, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def write_table(rows: list, path: str, where: str) -> None:
-    n = rows[0]["num_samples"]
+def table_lines(rows: list) -> list:
+    """A Markdown table of scored rows, the real test split at the same N as its last row."""
     floor = next((r["floor"] for r in rows if r["inception"]), rows[0]["floor"])
-    head = ("| model | sampler | network calls | sampling s | fid_inception | fid_mnist | is_mnist | precision | recall "
-            "| class accuracy | date |")
-    lines = [f"# Results at N = {n:,}", "",
-             f"`python -m tools.results` on {where}: each model draws {n:,} images with the sampler of its row, which "
-             "`eval.py` scores against the MNIST training set (fid_inception: TF-Inception pool3 features of "
-             "10,000 training images; the rest: the repository's MNIST classifier). The last row is the real "
-             f"MNIST test split, {n:,} images: the floor each metric is held to.", "",
-             head, "|" + "---|" * 11]
+    lines = ["| model | sampler | network calls | sampling s | fid_inception | fid_mnist | is_mnist | precision | recall "
+             "| class accuracy | date |", "|" + "---|" * 11]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['sampler']} | {r['network_evaluations']} | {r['sampling_seconds']:.0f} | "
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['network_evaluations']:g} | {r['sampling_seconds']:.0f} | "
                      f"{fmt(r['fid_inception'], 2)} | {fmt(r['fid_mnist'], 2)} | {fmt(r['is_mnist_mean'], 2)} | "
                      f"{fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | {fmt(r['class_accuracy'], 4)} | {r['date']} |")
     lines.append(f"| real MNIST test | | | | {fmt(floor['fid_inception'], 2)} | {fmt(floor['fid_mnist'], 2)} | "
                  f"{fmt(floor['is_mnist_mean'], 2)} | {fmt(floor['precision'], 3)} | {fmt(floor['recall'], 3)} | "
                  f"{fmt(floor['class_accuracy'], 4)} | |")
+    return lines
+
+
+def write_table(rows: list, path: str, where: str) -> None:
+    n = rows[0]["num_samples"]
+    lines = [f"# Results at N = {n:,}", "",
+             f"`python -m tools.results` on {where}: each model draws {n:,} images with the sampler of its row, which "
+             "`eval.py` scores against the MNIST training set (fid_inception: TF-Inception pool3 features of "
+             "10,000 training images; the rest: the repository's MNIST classifier). The last row is the real "
+             f"MNIST test split, {n:,} images: the floor each metric is held to.", ""] + table_lines(rows)
     write_text(path, "\n".join(lines) + "\n")
 
 
@@ -91,8 +93,9 @@ def main(argv=None):
         models[name] = path
     names = choose(args.only, models, "models")
     rows_path, rows = load_rows(args.table)
+    sampler = [] if args.guidance_scale is None else ["--guidance_scale", str(args.guidance_scale)]
     for name in names:
-        row = score(name, models[name], args)
+        row = score(name, models[name], args, sampler)
         rows = [r for r in rows if r["model"] != name] + [row]
         write_json(rows_path, dict(machine=machine(), rows=rows))
         print(f"{name}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if row[k] is not None), flush=True)

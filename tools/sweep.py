@@ -13,6 +13,7 @@ run also lands in TensorBoard's HParams tab: `tensorboard --logdir checkpoints/s
 """
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -78,7 +79,7 @@ def run_candidate(name: str, minutes: float, seed: int, args) -> dict:
     summary, metrics = read_json(os.path.join(exp_dir, "summary.json")), read_json(os.path.join(eval_dir, "metrics.json"))
     batch = read_json(os.path.join(exp_dir, "config.json"))["args"]["batch_size"]
     return dict(candidate=name, minutes=minutes, seed=seed, family=CANDIDATES[name].family, what=CANDIDATES[name].what,
-                command=" ".join(["python", *cmd]), steps=summary["steps"], images_seen=summary["steps"] * batch,
+                command=shlex.join(["python", *cmd]), steps=summary["steps"], images_seen=summary["steps"] * batch,
                 train_seconds=summary["wall_time_s"], train_images_per_s=summary["steps"] * batch / summary["wall_time_s"],
                 fid_mnist=metrics["fid_mnist"], floor_fid_mnist=metrics["floor"]["fid_mnist"],
                 precision=metrics["precision"], recall=metrics["recall"], class_accuracy=metrics.get("class_accuracy"),

@@ -1,0 +1,49 @@
+"""The tables the tools write: one row per run, each with the command or settings that reproduce it."""
+import json
+import shlex
+
+import pytest
+
+import config
+from conftest import run_training
+from tools import samplers, sweep
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_rows_reproduce_their_runs(tmp_path, data_dir, monkeypatch):
+    """A run trains the preset with the candidate's changes for its budget and seed; its row holds the command
+    that trains exactly that, the table lists it, and a second sweep skips what the JSON already has."""
+    monkeypatch.setitem(sweep.CANDIDATES, "tiny_flow", sweep.Candidate(
+        "test", dict(model_channels=8, channel_mult=(1, 2), formulation="flow", min_snr_gamma=0.0), "a tiny flow model"))
+    table = tmp_path / "sweep.md"
+    flags = ["--only", "tiny_flow", "--minutes", "0.02", "--seeds", "0,1", "--num_samples", "20", "--out",
+             str(tmp_path / "runs"), "--table", str(table), "--data_dir", data_dir]
+    sweep.main(flags)
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [(r["candidate"], r["minutes"], r["seed"]) for r in rows] == [("tiny_flow", 0.02, 0), ("tiny_flow", 0.02, 1)]
+    for row in rows:
+        argv = shlex.split(row["command"])[2:]  # python train.py ...
+        args, _ = config.parse_args(argv, conditional=False)
+        assert (args.model_channels, args.formulation, args.time_budget, args.seed) == (8, "flow", 0.02, row["seed"])
+        assert args.lr == config.PRESETS["cpu"]["lr"] and row["fid_mnist"] > row["floor_fid_mnist"]
+        saved = json.loads((tmp_path / "runs" / f"tiny_flow_0.02min_seed{row['seed']}" / "config.json").read_text())
+        assert saved["args"]["model_channels"] == 8 and saved["args"]["seed"] == row["seed"]
+    text = table.read_text()
+    assert "| tiny_flow | test | 0.02 | 2 |" in text and rows[0]["command"] in text
+    sweep.main(flags)  # nothing left to train: the table is the same
+    assert table.read_text() == text
+
+
+def test_sampler_table_scores_every_row_of_a_group(tmp_path, train_flags, data_dir):
+    run_training(train_flags + ["--experiment_name", "flow", "--max_steps", "2", "--formulation", "flow",
+                                "--sample_method", "heun"])
+    table = tmp_path / "samplers.md"
+    samplers.main(["--only", "samplers", "--model", str(tmp_path / "runs" / "flow" / "last.pth"), "--num_samples", "20",
+                   "--no_inception", "--data_dir", data_dir, "--out", str(tmp_path / "out"), "--table", str(table)])
+    rows = json.loads((tmp_path / "samplers.json").read_text())["rows"]
+    specs = samplers.GROUPS["samplers"][2]
+    assert [r["model"] for r in rows] == [label for label, _ in specs]
+    calls = {r["model"]: r["network_evaluations"] for r in rows}
+    assert calls["heun 18 levels, ODE"] == 35 and calls["dpm_solver 20, SDE"] == 20 and calls["euler 50"] == 50
+    assert table.read_text().count("| real MNIST test |") == 1

@@ -1,0 +1,96 @@
+"""Samplers against network calls, and guidance against the headline metric: docs/samplers.md (rows in
+docs/samplers.json), each row one eval.py run on a shipped model at N images, beside the real test split.
+
+    python -m tools.samplers                                    # every group, 1,000 samples each
+    python -m tools.samplers --only guidance --num_samples 1000
+    python -m tools.samplers --only samplers --model checkpoints/NAME/last.pth --no_inception
+    python -m tools.samplers --only none                        # rewrite the table from its JSON
+
+A row already in the JSON is scored again only when its group is named with --only.
+"""
+import os
+
+from cli import ArgumentParser, guarded
+from fileio import write_json, write_text
+from tools.results import METRICS, score, table_lines
+from tools.tables import choose, load_rows, machine
+
+# group: (the shipped model it samples, what it shows, [(row, eval.py flags), ...])
+GROUPS = {
+    "samplers": ("pretrained:unconditional", "the unconditional model: each sampler at 10 to 50 network calls", [
+        ("heun 6 levels, ODE", ["--method", "heun", "--steps", "6"]),
+        ("heun 10 levels, ODE", ["--method", "heun", "--steps", "10"]),
+        ("heun 18 levels, ODE", ["--method", "heun", "--steps", "18"]),
+        ("heun 10 levels, churn 10", ["--method", "heun", "--steps", "10", "--eta", "10"]),
+        ("heun 18 levels, churn 30", ["--method", "heun", "--steps", "18", "--eta", "30"]),
+        ("dpm_solver 10, ODE", ["--method", "dpm_solver", "--steps", "10", "--eta", "0"]),
+        ("dpm_solver 20, ODE", ["--method", "dpm_solver", "--steps", "20", "--eta", "0"]),
+        ("dpm_solver 10, SDE", ["--method", "dpm_solver", "--steps", "10", "--eta", "1"]),
+        ("dpm_solver 20, SDE", ["--method", "dpm_solver", "--steps", "20", "--eta", "1"]),
+        ("dpm_solver 30, SDE", ["--method", "dpm_solver", "--steps", "30", "--eta", "1"]),
+        ("dpm_solver 50, SDE", ["--method", "dpm_solver", "--steps", "50", "--eta", "1"]),
+        ("euler 20", ["--method", "euler", "--steps", "20"]),
+        ("euler 50", ["--method", "euler", "--steps", "50"]),
+    ]),
+    "guidance": ("pretrained:conditional", "the conditional model: the guidance scale w, at every noise level or "
+                 "in an interval of them (Kynkaanniemi et al. 2024), with the default sampler", [
+        ("w 0", ["--guidance_scale", "0"]),
+        ("w 0.1", ["--guidance_scale", "0.1"]),
+        ("w 0.3", ["--guidance_scale", "0.3"]),
+        ("w 0.5", ["--guidance_scale", "0.5"]),
+        ("w 1", ["--guidance_scale", "1"]),
+        ("w 0.5, sigma in (0.3, 5]", ["--guidance_scale", "0.5", "--guidance_interval", "0.3,5"]),
+        ("w 1, sigma in (0.3, 5]", ["--guidance_scale", "1", "--guidance_interval", "0.3,5"]),
+        ("w 1, sigma in (1, 80]", ["--guidance_scale", "1", "--guidance_interval", "1,80"]),
+        ("w 2, sigma in (0.3, 5]", ["--guidance_scale", "2", "--guidance_interval", "0.3,5"]),
+    ]),
+}
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--only", default=None, help="comma-separated groups to score (default: all; none: only rewrite "
+                                                "the table): " + ", ".join(GROUPS))
+    p.add_argument("--model", default=None, metavar="PATH", help="a checkpoint in place of each group's shipped model")
+    p.add_argument("--num_samples", type=int, default=1000)
+    p.add_argument("--no_inception", action="store_true", help="MNIST-domain metrics only (fast on the CPU)")
+    p.add_argument("--data_dir", default="./data")
+    p.add_argument("--out", default=os.path.join("outputs", "samplers"), help="where eval.py's reports go")
+    p.add_argument("--table", default=os.path.join("docs", "samplers.md"), help="the Markdown table (+ .json)")
+    return p
+
+
+def write_table(rows: list, path: str, where: str) -> None:
+    n = rows[0]["num_samples"]
+    lines = ["# Samplers and guidance", "",
+             f"`python -m tools.samplers` on {where}: each row draws {n:,} images from the model of its table with "
+             "the sampler of its row, which `eval.py` scores against the MNIST training set, beside the real MNIST "
+             f"test split at the same N. Network calls are counted per image (guidance calls the network twice, "
+             "inside its interval only).", ""]
+    for group, (_, what, _) in GROUPS.items():
+        chosen = [r for r in rows if r["group"] == group]
+        if chosen:
+            lines += [f"## {group}: {what}", "", f"Model: `{chosen[0]['source']}`.", ""] + table_lines(chosen) + [""]
+    write_text(path, "\n".join(lines))
+
+
+@guarded
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    groups = choose(args.only, GROUPS, "groups")
+    rows_path, rows = load_rows(args.table)
+    for group in groups:
+        source, _, specs = GROUPS[group]
+        for i, (label, flags) in enumerate(specs):
+            row = dict(score(f"{group}_{i:02d}", args.model or source, args, flags), model=label, group=group)
+            rows = [r for r in rows if (r["group"], r["model"]) != (group, label)] + [row]
+            write_json(rows_path, dict(machine=machine(), rows=rows))
+            print(f"{group}, {label}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if row[k] is not None),
+                  flush=True)
+    if rows:
+        write_table(rows, args.table, machine())
+        print(f"wrote {args.table}")
+
+
+if __name__ == "__main__":
+    main()
