@@ -13,6 +13,9 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
     config                 the training run's full configuration
     guidance_scale         optional: the classifier-free guidance a conditional model samples with by
                            default, in place of the run's --guidance_scale (set by checkpoint.py)
+    guidance_interval      optional: likewise for --guidance_interval
+    ema_dtype              optional: "bfloat16" when a sampling copy stores its EMA weights so (half the
+                           size); they load back into the fp32 network
 
 A sampling copy (`python checkpoint.py last.pth model.pt`) keeps the same format without `model` and
 `train_state`: a quarter of the size, enough for inference.py and eval.py, not for --resume. The two
@@ -85,11 +88,14 @@ def load_checkpoint(path: str, conditional: bool | None = None, map_location="cp
     return ckpt
 
 
-def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_interval=None) -> dict:
+def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_interval=None, bf16: bool = False) -> dict:
     """The checkpoint without what only training needs: the raw weights and the optimizer state;
     `guidance_scale` and `guidance_interval`, if given, become the copy's default guidance (the run's
-    record stays as it was)."""
+    record stays as it was); `bf16` stores the EMA's floating-point weights in bfloat16."""
     copy = {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
+    if bf16:
+        copy["ema"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+        copy["ema_dtype"] = "bfloat16"
     if (guidance_scale, guidance_interval) != (None, None) and not ckpt["conditional"]:
         raise UserError("--guidance_scale and --guidance_interval are for conditional models")
     try:
@@ -147,7 +153,7 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True):
         raise CheckpointError("this checkpoint holds only the EMA weights (a sampling copy); --no_ema needs a run's "
                               "last.pth or best_model.pth")
     model = build_model(ckpt["model_config"], ckpt["conditional"])
-    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    model.load_state_dict(ckpt["ema" if use_ema else "model"])  # into fp32 parameters, whatever the stored dtype
     return model.eval(), build_diffusion(ckpt["diffusion_config"])
 
 
@@ -161,10 +167,12 @@ def main(argv=None):
                    help="the guidance the copy samples with by default (conditional models; default: the run's)")
     p.add_argument("--guidance_interval", type=float_list, default=None, metavar="LO,HI",
                    help="the noise levels it guides at by default (default: the run's)")
+    p.add_argument("--bf16", action="store_true", help="store the EMA weights in bfloat16: half the size; they load "
+                                                       "back into the fp32 network")
     args = p.parse_args(argv)
     if os.path.exists(args.output):
         raise UserError(f"{args.output} exists; remove it or choose another name")
-    copy = sampling_copy(load_checkpoint(args.checkpoint), args.guidance_scale, args.guidance_interval)
+    copy = sampling_copy(load_checkpoint(args.checkpoint), args.guidance_scale, args.guidance_interval, args.bf16)
     atomic_write(args.output, lambda tmp: torch.save(copy, tmp))
     print(f"{args.output}: {os.path.getsize(args.output) / 1e6:.2f} MB, sha256 {sha256_file(args.output)}")
 

@@ -85,6 +85,24 @@ def test_sampling_copy_samples_like_its_checkpoint_and_cannot_resume(tmp_path, t
         model_from_checkpoint(load_checkpoint(str(copy)), use_ema=False)
 
 
+def test_a_bf16_copy_is_half_the_size_and_samples_in_fp32_alike(tmp_path, train_flags):
+    run_training(train_flags + ["--experiment_name", "run", "--max_steps", "3", "--formulation", "flow",
+                                "--sample_method", "heun"])
+    last = tmp_path / "runs" / "run" / "last.pth"
+    checkpoint.main([str(last), str(tmp_path / "fp32.pt")])
+    checkpoint.main([str(last), str(tmp_path / "bf16.pt"), "--bf16"])
+    assert os.path.getsize(tmp_path / "bf16.pt") < 0.6 * os.path.getsize(tmp_path / "fp32.pt")
+    ckpt = load_checkpoint(str(tmp_path / "bf16.pt"))
+    assert ckpt["ema_dtype"] == "bfloat16" and all(v.dtype == torch.bfloat16 for v in ckpt["ema"].values()
+                                                   if v.is_floating_point())
+    model, diffusion = model_from_checkpoint(ckpt)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    sampler = SamplerSettings("heun", 4, 0.0)
+    bf16, fp32 = (generate(*model_from_checkpoint(load_checkpoint(str(tmp_path / f"{k}.pt"))), 8, sampler, seed=1,
+                           amp="none") for k in ("bf16", "fp32"))
+    assert 0 < (bf16 - fp32).abs().max() < 0.05
+
+
 def test_a_sampling_copy_carries_its_own_guidance(tmp_path, train_flags, capsys):
     """checkpoint.py --guidance_scale sets the copy's default guidance; the flag of inference.py still
     wins, the run without a copy keeps its own, and an unconditional model refuses one."""
