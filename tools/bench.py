@@ -14,6 +14,7 @@ Warm-up first, then the median of --repeats timings.
 """
 import os
 import resource
+import shlex
 import statistics
 import time
 
@@ -155,6 +156,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--models", default="default,cpu_preset", help="comma-separated: default, cpu_preset")
     p.add_argument("--compare", choices=["diffusers"], default=None)
     add_speed_args(p, "our network (as train.py --compile)")
+    p.add_argument("--train_flags", default="", metavar="FLAGS",
+                   help="train.py flags for every model, e.g. \"--activation silu --channel_mult 1,2,4\"")
     p.add_argument("--json", default=None, metavar="PATH")
     return p
 
@@ -218,7 +221,7 @@ def main(argv=None):
                     sample_batch=args.sample_batch or (256 if cuda else 64))
     if not cuda:
         torch.backends.mkldnn.enabled = True
-    extra = (["--amp", args.amp] + (["--compile", args.compile] if args.compile else [])
+    extra = (shlex.split(args.train_flags) + ["--amp", args.amp] + (["--compile", args.compile] if args.compile else [])
              + (["--channels_last"] if args.channels_last else []))
     flags = {"default": extra, "cpu_preset": ["--preset", "cpu"] + extra}
     names = choose(args.models, flags, "models")
