@@ -37,9 +37,36 @@ class Candidate(NamedTuple):
     script: str = "train.py"
 
 
+FLOW = dict(formulation="flow", min_snr_gamma=0.0, p_mean=0.0, p_std=1.0)  # logit-normal t (Esser et al. 2024)
+FLOW_SILU = dict(FLOW, activation="silu")
 CANDIDATES = {
-    "preset": Candidate("baseline", {}, "`--preset cpu`: 1.06M U-Net, ddpm, eps, Min-SNR-5, bf16"),
-    "conditional": Candidate("baseline", {}, "`train_conditional.py --preset cpu`", "train_conditional.py"),
+    "preset": Candidate("baseline", {}, "`--preset cpu`: 1.06M U-Net (32/64/64, ReLU), ddpm, eps, Min-SNR-5, bf16"),
+    # the formulation: how noise levels are drawn, weighted and fed to the network
+    "edm": Candidate("formulation", dict(formulation="edm", min_snr_gamma=0.0),
+                     "EDM preconditioning and loss, ln(sigma) ~ N(-1.2, 1.2^2) (the paper's CIFAR-10 values)"),
+    "edm_p0": Candidate("formulation", dict(formulation="edm", min_snr_gamma=0.0, p_mean=0.0, p_std=1.6),
+                        "EDM, ln(sigma) ~ N(0, 1.6^2): more training at the noise levels where digits take shape"),
+    "flow": Candidate("formulation", FLOW, "flow matching: straight path, velocity target, logit-normal t"),
+    # the discrete process's schedule and timesteps
+    "ddpm_lognormal": Candidate("schedule", dict(timestep_sampling="lognormal", p_mean=0.0, p_std=1.0),
+                                "ddpm with its timesteps drawn at ln(sigma) ~ N(0, 1): flow's noise levels, ddpm's loss"),
+    "ddpm_cosine": Candidate("schedule", dict(beta_schedule="cosine"), "ddpm, cosine schedule"),
+    "ddpm_cosine_shift2": Candidate("schedule", dict(beta_schedule="cosine", logsnr_shift=2.0),
+                                    "ddpm, cosine schedule shifted by +2 in log-SNR (less noise, for 28x28)"),
+    # the network at CPU scale, on flow
+    "flow_silu": Candidate("network", FLOW_SILU, "flow, SiLU"),
+    "flow_silu_attn7": Candidate("network", dict(FLOW_SILU, attention_resolutions=(7,)),
+                                 "flow, SiLU, self-attention at 7x7 (1.11M)"),
+    "flow_silu_124_attn7": Candidate("network", dict(FLOW_SILU, channel_mult=(1, 2, 4), attention_resolutions=(7,)),
+                                     "flow, SiLU, channels 32/64/128 and attention at 7x7 (2.73M)"),
+    "flow_silu_16_64_128": Candidate("network", dict(FLOW_SILU, model_channels=16, channel_mult=(1, 4, 8)),
+                                     "flow, SiLU, channels 16/64/128: parameters at low resolution (2.37M, 0.45 GFLOP)"),
+    "flow_silu_norm1": Candidate("network", dict(FLOW_SILU, norm_groups=1), "flow, SiLU, one group per GroupNorm"),
+    "flow_silu_ema9995": Candidate("ema", dict(FLOW_SILU, ema_decay=0.9995), "flow, SiLU, EMA decay 0.9995"),
+    "flow_silu_ema998": Candidate("ema", dict(FLOW_SILU, ema_decay=0.998), "flow, SiLU, EMA decay 0.998"),
+    "conditional": Candidate("baseline", {}, "`train_conditional.py --preset cpu` (guidance 0.5)", "train_conditional.py"),
+    "conditional_flow_silu": Candidate("conditional", FLOW_SILU, "conditional, flow, SiLU (guidance 0.5)",
+                                       "train_conditional.py"),
 }
 
 
