@@ -26,7 +26,8 @@ from ddpm_model import NoiseLevelConfig, SamplerDefaults, make_generator, resolv
 
 FORMULATIONS = ("edm", "flow")
 # Heun's steps are noise levels (2 steps - 1 network calls, EDM's 18 levels = 35 calls); the others' are calls.
-SAMPLERS = {"heun": SamplerDefaults(18, 0.0), "dpm_solver": SamplerDefaults(20, 1.0), "euler": SamplerDefaults(50, 0.0)}
+SAMPLERS = {"heun": SamplerDefaults(18, 0.0), "dpm_solver": SamplerDefaults(20, 1.0),
+            "dpm_solver_3m": SamplerDefaults(20, 1.0), "euler": SamplerDefaults(50, 0.0)}
 METHODS = tuple(SAMPLERS)
 MAX_STEPS = 1000
 RHO = 7.0  # the sampling grid is uniform in sigma^(1/rho), EDM's choice: more steps at low noise
@@ -105,7 +106,39 @@ def dpm_solver_steps(denoise: Callable, x: torch.Tensor, sigmas: Sequence[float]
         yield s_next, x
 
 
-STEP_FUNCTIONS = {"heun": heun_steps, "dpm_solver": dpm_solver_steps, "euler": euler_steps}
+def dpm_solver_3m_steps(denoise: Callable, x: torch.Tensor, sigmas: Sequence[float], generator=None, eta: float = 0.0):
+    """DPM-Solver++(3M) (Lu et al. 2022; in its SDE form for eta > 0): the exponential integrator of the
+    denoised estimate's Taylor expansion to second order, its derivatives from the last three estimates
+    (the first two steps use fewer). One network call a level."""
+    history = []  # (denoised, h) of the previous steps, newest first
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = denoise(x, s)
+        if s_next == 0:
+            x = d
+        else:
+            h = math.log(s / s_next)
+            h_eta = (1 + eta) * h
+            phi_1 = -math.expm1(-h_eta)
+            phi_2 = 1 - phi_1 / h_eta  # (e^-h_eta - 1 + h_eta) / h_eta
+            x = math.exp(-h_eta) * x + phi_1 * d
+            if len(history) == 1:
+                (d_1, h_1), = history
+                x = x + phi_2 * (d - d_1) * (h / h_1)
+            elif len(history) == 2:
+                (d_1, h_1), (d_2, h_2) = history
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (d - d_1) / r0, (d_1 - d_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            if eta > 0:
+                x = x + s_next * math.sqrt(-math.expm1(-2 * eta * h)) * gaussian_like(x, generator)
+            history = [(d, h)] + history[:1]
+        yield s_next, x
+
+
+STEP_FUNCTIONS = {"heun": heun_steps, "dpm_solver": dpm_solver_steps, "dpm_solver_3m": dpm_solver_3m_steps,
+                  "euler": euler_steps}
 
 
 # ----------------------------------------------------------------------------------------------
