@@ -53,6 +53,10 @@ CANDIDATES = {
     "ddpm_cosine": Candidate("schedule", dict(beta_schedule="cosine"), "ddpm, cosine schedule"),
     "ddpm_cosine_shift2": Candidate("schedule", dict(beta_schedule="cosine", logsnr_shift=2.0),
                                     "ddpm, cosine schedule shifted by +2 in log-SNR (less noise, for 28x28)"),
+    "ddpm_cosine_shift-1": Candidate("schedule", dict(beta_schedule="cosine", logsnr_shift=-1.0),
+                                     "ddpm, cosine schedule shifted by -1 in log-SNR (more noise)"),
+    "ddpm_lognormal_silu": Candidate("schedule", dict(timestep_sampling="lognormal", p_mean=0.0, p_std=1.0,
+                                                      activation="silu"), "ddpm_lognormal, SiLU"),
     # the network at CPU scale, on flow
     "flow_silu": Candidate("network", FLOW_SILU, "flow, SiLU"),
     "flow_silu_attn7": Candidate("network", dict(FLOW_SILU, attention_resolutions=(7,)),
