@@ -71,6 +71,9 @@ CANDIDATES = {
     "conditional": Candidate("baseline", {}, "`train_conditional.py --preset cpu` (guidance 0.5)", "train_conditional.py"),
     "conditional_flow_silu": Candidate("conditional", FLOW_SILU, "conditional, flow, SiLU (guidance 0.5)",
                                        "train_conditional.py"),
+    "conditional_flow_silu_16_64_128": Candidate("conditional", dict(FLOW_SILU, model_channels=16, channel_mult=(1, 4, 8)),
+                                                 "conditional, flow, SiLU, channels 16/64/128 (guidance 0.5)",
+                                                 "train_conditional.py"),
 }
 
 
