@@ -103,8 +103,8 @@ HELP = {
     "sigma_data": "edm: the data's scale in its preconditioning",
     "p_mean": "edm, flow, ddpm's lognormal timesteps: training noise levels ln(sigma) ~ N(p_mean, p_std^2)",
     "p_std": "see --p_mean",
-    "sample_method": "sampler for grids and evaluations (ddpm, ddim, dpm_solver for --formulation ddpm; heun, "
-                     "dpm_solver, dpm_solver_3m, euler for edm and flow)",
+    "sample_method": "sampler for grids and evaluations (ddpm, ddim, dpm_solver; heun and dpm_solver_3m for edm "
+                     "and flow)",
     "sample_steps": "its steps (default: the method's; ddpm takes all T)",
     "sample_eta": "its injected noise (default: the method's)",
     "p_uncond": "label dropout for classifier-free guidance",

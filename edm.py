@@ -25,9 +25,12 @@ import torch.nn as nn
 from ddpm_model import NoiseLevelConfig, SamplerDefaults, make_generator, resolve_eta, run_sampler
 
 FORMULATIONS = ("edm", "flow")
-# Heun's steps are noise levels (2 steps - 1 network calls, EDM's 18 levels = 35 calls); the others' are calls.
-SAMPLERS = {"heun": SamplerDefaults(18, 0.0), "dpm_solver": SamplerDefaults(20, 1.0),
-            "dpm_solver_3m": SamplerDefaults(20, 1.0), "euler": SamplerDefaults(50, 0.0)}
+# The names of the discrete process's samplers mean the same here: ddpm is ancestral sampling over as many
+# levels as DDPM's T, ddim its deterministic (eta 0) or noisy form. Heun's steps are noise levels (2 steps - 1
+# network calls, EDM's 18 levels = 35 calls); the others' are network calls.
+DDPM_LEVELS = 1000
+SAMPLERS = {"ddpm": SamplerDefaults(DDPM_LEVELS, 1.0), "ddim": SamplerDefaults(50, 0.0), "heun": SamplerDefaults(18, 0.0),
+            "dpm_solver": SamplerDefaults(20, 1.0), "dpm_solver_3m": SamplerDefaults(20, 1.0)}
 METHODS = tuple(SAMPLERS)
 MAX_STEPS = 1000
 RHO = 7.0  # the sampling grid is uniform in sigma^(1/rho), EDM's choice: more steps at low noise
@@ -58,11 +61,19 @@ def gaussian_like(x: torch.Tensor, generator) -> torch.Tensor:
 # Each yields after every step; the last step returns D itself, the clean estimate.
 # ----------------------------------------------------------------------------------------------
 
-def euler_steps(denoise: Callable, x: torch.Tensor, sigmas: Sequence[float], generator=None, eta: float = 0.0):
-    """Euler on the probability-flow ODE dx/dsigma = (x - D) / sigma: DDIM (eta 0) and the flow-matching sampler."""
+def ddim_steps(denoise: Callable, x: torch.Tensor, sigmas: Sequence[float], generator=None, eta: float = 0.0):
+    """DDIM (Song et al. 2021) over noise levels. eta 0 is Euler on the probability-flow ODE dx/dsigma =
+    (x - D) / sigma, which is also flow matching's Euler sampler; eta 1 keeps only part of the noise estimate and
+    draws the rest afresh, DDPM's ancestral step."""
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         d = denoise(x, s)
-        x = d if s_next == 0 else x + (s_next - s) / s * (x - d)
+        if s_next == 0:
+            x = d
+        else:
+            fresh = eta * s_next * math.sqrt(1 - (s_next / s) ** 2)  # DDIM's sigma_t, in these units
+            x = d + math.sqrt(s_next ** 2 - fresh ** 2) / s * (x - d)
+            if fresh > 0:
+                x = x + fresh * gaussian_like(x, generator)
         yield s_next, x
 
 
@@ -137,8 +148,8 @@ def dpm_solver_3m_steps(denoise: Callable, x: torch.Tensor, sigmas: Sequence[flo
         yield s_next, x
 
 
-STEP_FUNCTIONS = {"heun": heun_steps, "dpm_solver": dpm_solver_steps, "dpm_solver_3m": dpm_solver_3m_steps,
-                  "euler": euler_steps}
+STEP_FUNCTIONS = {"ddpm": ddim_steps, "ddim": ddim_steps, "heun": heun_steps, "dpm_solver": dpm_solver_steps,
+                  "dpm_solver_3m": dpm_solver_3m_steps}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,9 +221,12 @@ class KarrasDiffusion(nn.Module):
         return (out.float() - target.float()).square().flatten(1).mean(1).mean()
 
     def sampler_steps(self, method: str, steps: int | None = None) -> int:
-        """The steps `method` takes: `steps`, or its default. ValueError if out of range."""
+        """The steps `method` takes: `steps`, or its default; ddpm always takes its DDPM_LEVELS. ValueError if
+        out of range."""
         if method not in SAMPLERS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "ddpm" and steps not in (None, DDPM_LEVELS):
+            raise ValueError(f"ddpm takes all {DDPM_LEVELS} levels, not {steps}")
         steps = SAMPLERS[method].steps if steps is None else steps
         if not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
@@ -232,6 +246,8 @@ class KarrasDiffusion(nn.Module):
         states scaled as a variance-preserving process would hold them, so they can be shown alike.
         """
         steps, eta = self.sampler_steps(method, steps), resolve_eta(method, SAMPLERS, eta)
+        if method == "ddpm":
+            eta = 1.0  # ancestral sampling, as the discrete process's ddpm has no eta to choose
         device = device or torch.device("cpu")
         generator = make_generator(generator, device)
         noise = x_T if x_T is not None else torch.randn(tuple(shape), device=device, generator=generator)

@@ -61,8 +61,8 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=ALL_METHODS, batch_siz
     p.add_argument("--pretrained", choices=sorted(PRETRAINED), default=None,
                    help="a model shipped in assets/; without --model_path the unconditional one is used")
     p.add_argument("--method", choices=methods, default="dpm_solver",
-                   help="ddpm (all T steps), ddim, dpm_solver (DPM-Solver++(2M)) for ddpm models; heun (EDM's), "
-                        "dpm_solver, dpm_solver_3m (DPM-Solver++(3M)), euler for edm and flow models")
+                   help="ddpm (all T steps), ddim, dpm_solver (DPM-Solver++(2M)); for edm and flow models also heun "
+                        "(EDM's) and dpm_solver_3m (DPM-Solver++(3M))")
     p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=None,
                    help="network calls (heun: noise levels, 2 steps - 1 calls; --ddim_steps is another name); "
                         "None: the method's (" + ", ".join(f"{k} {v.steps}" for k, v in edm.SAMPLERS.items()

@@ -62,14 +62,15 @@ class TwoPointOracle:
         return to_target(torch.tanh(log_odds / 2), xd, a, self.prediction).to(x.dtype)
 
 
-def exact_output_law(ac, mean0, s, ts, eta):
+def exact_output_law(ac, mean0, s, ts, eta, init_var=1.0):
     """Exact mean and variance of a DDIM(eta) / DDPM chain's output under GaussianOracle(mean0, s).
 
     Every step is x_prev = A x + B + sigma z, so the law stays Gaussian: iterate its two moments.
     `ts` are the visited timesteps (all T for DDPM), the chain ends at a_prev = 1.
     With eta = 1 and every step visited this is DDPM ancestral sampling with the posterior variance.
+    x_T ~ N(0, init_var).
     """
-    mu, var = 0.0, 1.0
+    mu, var = 0.0, init_var
     for i, t in enumerate(ts):
         a = float(ac[t])
         a_prev = float(ac[ts[i + 1]]) if i + 1 < len(ts) else 1.0

@@ -7,7 +7,7 @@ import torch
 
 from conditional_ddpm import GuidedModel
 from edm import METHODS, KarrasDiffusion, karras_sigmas
-from oracles import SigmaGaussianOracle, exact_dpm_solver_law, exact_heun_law
+from oracles import SigmaGaussianOracle, exact_dpm_solver_law, exact_heun_law, exact_output_law
 
 M, S = 0.3, 0.5          # the data law N(M, S^2)
 SHAPE = (2000, 1, 4, 4)  # 32,000 independent scalars per run
@@ -132,21 +132,31 @@ def test_dpm_solver_3m_converges_faster_than_2m_and_draws_its_law():
     assert abs(x.mean().item() - M) < 0.01 * S and abs(x.std().item() - S) < 0.02 * S
 
 
-def test_euler_is_first_order_and_exact_in_law():
-    """Euler (the flow-matching sampler) converges to the data law as levels are added; each run draws
-    exactly its chain's law, which is linear in the start: x_start = 0 gives its mean, 1 adds its std / sigma_max."""
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_over_sigmas_is_the_discrete_ddim_with_alpha_bar_from_sigma(eta):
+    """DDIM over noise levels is the discrete process's DDIM with alpha_bar = 1 / (1 + sigma^2): the exact law
+    of that chain (eta 0: Euler on the ODE, first order; eta 1: ancestral), from x_start = sigma_max z."""
     d = KarrasDiffusion("flow")
     oracle = SigmaGaussianOracle(M, S, "flow")
-    stds = {}
-    for steps in (10, 100):
-        run = lambda v: d.sample(oracle, (1, 1, 1, 1), "euler", steps=steps, x_T=torch.full((1, 1, 1, 1), v),
-                                 clip_denoised=False).item()
-        mean, std = run(0.0), run(1.0) - run(0.0)
-        stds[steps] = std
-        assert abs(mean - M) < 0.01 * S
-        x = d.sample(oracle, SHAPE, "euler", steps=steps, generator=0, clip_denoised=False)
-        assert_matches_law(x, mean, std ** 2, f"euler {steps}")
-    assert abs(stds[100] - S) < abs(stds[10] - S) / 5  # first order: 10x the levels, about a tenth of the error
+
+    def law(n):
+        sigmas = karras_sigmas(n, d.sigma_min, d.sigma_max)[:-1]
+        ac = torch.tensor([1 / (1 + s ** 2) for s in sigmas], dtype=torch.float64)
+        return exact_output_law(ac, M, S, list(range(n)), eta, init_var=sigmas[0] ** 2 / (1 + sigmas[0] ** 2))
+    errors = {n: abs(math.sqrt(law(n)[1]) - S) for n in (10, 100)}
+    assert errors[100] < errors[10] / 5  # first order: 10x the levels, about a tenth of the error
+    mu, var = law(50)
+    x = d.sample(oracle, SHAPE, "ddim", steps=50, eta=eta, generator=0, clip_denoised=False)
+    assert_matches_law(x, mu, var, f"ddim eta={eta}")
+
+
+def test_ddpm_over_sigmas_is_ancestral_ddim_over_1000_levels():
+    d = KarrasDiffusion("edm")
+    oracle = SigmaGaussianOracle(M, S, "edm")
+    ddpm = d.sample(oracle, (64, 1, 1, 1), "ddpm", generator=5, clip_denoised=False)
+    assert torch.equal(ddpm, d.sample(oracle, (64, 1, 1, 1), "ddim", steps=1000, eta=1.0, generator=5, clip_denoised=False))
+    with pytest.raises(ValueError, match="ddpm takes all 1000 levels"):
+        d.sample(oracle, (1, 1, 1, 1), "ddpm", steps=20)
 
 
 def test_guidance_pushes_each_class_apart_under_edm():
@@ -168,7 +178,7 @@ def test_guidance_pushes_each_class_apart_under_edm():
 def test_last_step_returns_the_clipped_denoised_estimate(method):
     d = KarrasDiffusion("edm")
     wild = lambda x, t: 10 * x  # denoised estimates far outside [-1, 1]
-    x = d.sample(wild, (64, 1, 2, 2), method, steps=6, eta=1.0, generator=0)
+    x = d.sample(wild, (64, 1, 2, 2), method, steps=None if method == "ddpm" else 6, eta=1.0, generator=0)
     assert x.abs().max() <= 1 and (x.abs() == 1).float().mean() > 0.5
 
 

@@ -14,6 +14,7 @@ from conditional_ddpm import ConditionalUNet
 from conftest import TINY_MODEL, exits_2, grid_tiles
 from data import to_uint8
 from ddpm_model import GaussianDiffusion, UNet
+from edm import KarrasDiffusion
 from runtime import amp_dtype, cpu_has_native_bf16
 from sampling import SamplerSettings, generate
 
@@ -64,6 +65,25 @@ def test_unconditional_modes(checkpoints, tmp_path):
         individual = np.asarray(Image.open(out / "individual_ddpm" / "00003.png").convert("L"))
         assert np.array_equal(individual, f["images"][3])
     assert str(out / "samples_ddpm.png") in written
+
+
+@pytest.mark.unit
+def test_the_seeds_samplers_serve_a_flow_model(tmp_path):
+    """--method both and --comparison (DDPM against DDIM) work on a model of a continuous formulation too: its
+    ddpm is ancestral sampling over 1000 noise levels, its ddim the same map with eta 0."""
+    torch.manual_seed(0)
+    model = UNet(**TINY_MODEL)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    path = tmp_path / "flow.pth"
+    save_checkpoint(str(path), model, model, KarrasDiffusion("flow", p_mean=0.0, p_std=1.0))
+    out = tmp_path / "out"
+    inference.main(["--model_path", str(path), "--method", "both", "--ddim_steps", "5", "--comparison",
+                    "--num_samples", "4", "--output_dir", str(out)])
+    timing = json.loads((out / "comparison.json").read_text())
+    assert timing["ddpm_steps"] == 1000 and timing["ddim_steps"] == 5 and timing["eta"] == 0
+    ddpm, ddim = grid_tiles(out / "samples_ddpm.png"), grid_tiles(out / "samples_ddim.png")
+    assert ddpm.shape == ddim.shape == (4, 28, 28) and not np.array_equal(ddpm, ddim)
 
 
 @pytest.mark.unit

@@ -63,7 +63,7 @@ def test_unwritable_statistics_cache_costs_only_time(train_flags, tmp_path, caps
     (["--timesteps", "10"], "the linear schedule needs --timesteps of at least 20"),
     (["--timesteps", "25", "--sample_steps", "30"], "steps must be between 1 and the model's 25 timesteps, got 30"),
     (["--sample_method", "heun"], "method must be one of ('ddpm', 'ddim', 'dpm_solver'), got 'heun'"),
-    (["--formulation", "edm", "--sample_method", "ddim"], "method must be one of ('heun', 'dpm_solver', 'euler')"),
+    (["--formulation", "edm", "--sample_method", "ddpm", "--sample_steps", "20"], "ddpm takes all 1000 levels, not 20"),
     (["--formulation", "edm", "--min_snr_gamma", "5"], "--min_snr_gamma weights the ddpm loss"),
     (["--formulation", "flow", "--p_std", "0"], "p_std and sigma_min must be positive"),
     (["--sample_method", "ddpm", "--sample_steps", "5"], "ddpm takes all of the model's 1000 steps, not 5"),

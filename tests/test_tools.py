@@ -45,5 +45,5 @@ def test_sampler_table_scores_every_row_of_a_group(tmp_path, train_flags, data_d
     specs = samplers.GROUPS["samplers"][2]
     assert [r["model"] for r in rows] == [label for label, _ in specs]
     calls = {r["model"]: r["network_evaluations"] for r in rows}
-    assert calls["heun 18 levels, ODE"] == 35 and calls["dpm_solver 20, SDE"] == 20 and calls["euler 50"] == 50
+    assert calls["heun 18 levels, ODE"] == 35 and calls["dpm_solver 20, SDE"] == 20 and calls["ddim 50, eta 1"] == 50
     assert table.read_text().count("| real MNIST test |") == 1

@@ -34,8 +34,9 @@ GROUPS = {
         ("dpm_solver_3m 10, SDE", ["--method", "dpm_solver_3m", "--steps", "10", "--eta", "1"]),
         ("dpm_solver_3m 20, SDE", ["--method", "dpm_solver_3m", "--steps", "20", "--eta", "1"]),
         ("dpm_solver_3m 30, SDE", ["--method", "dpm_solver_3m", "--steps", "30", "--eta", "1"]),
-        ("euler 20", ["--method", "euler", "--steps", "20"]),
-        ("euler 50", ["--method", "euler", "--steps", "50"]),
+        ("ddim 20, ODE (Euler)", ["--method", "ddim", "--steps", "20"]),
+        ("ddim 50, ODE (Euler)", ["--method", "ddim", "--steps", "50"]),
+        ("ddim 50, eta 1", ["--method", "ddim", "--steps", "50", "--eta", "1"]),
     ]),
     "guidance": ("pretrained:conditional", "the conditional model: the guidance scale w, at every noise level or "
                  "in an interval of them (Kynkaanniemi et al. 2024), with the default sampler", [
