@@ -36,6 +36,17 @@ def test_readme_names_only_real_flags():
     assert named - known - tools == set()
 
 
+def test_docs_run_only_scripts_that_exist():
+    """`python X.py` names a file at the root, `python -m tools.X` a module in tools/: the docs follow a move."""
+    for path in [os.path.join(REPO, "README.md")] + glob.glob(os.path.join(REPO, "docs", "*.md")):
+        with open(path) as f:
+            text = f.read()
+        scripts = re.findall(r"python (?:-m )?([\w./]+?)(?:\.py)?(?=[\s`])", text)
+        for script in set(scripts) - {"pytest", "-c", "venv"}:
+            module = script.replace(".", "/") if "/" not in script else script
+            assert os.path.isfile(os.path.join(REPO, module + ".py")), f"{os.path.basename(path)} runs {script}"
+
+
 def test_preset_values_are_typed_and_known_flags():
     defaults, _ = config.parse_args([], conditional=False)
     for preset_name, preset in config.PRESETS.items():

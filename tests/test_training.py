@@ -262,7 +262,8 @@ def test_cpu_preset_sets_the_swept_recipe_and_flags_override_it():
     assert given == {"preset", "lr"}
     preset = config.PRESETS["cpu"]
     assert args.lr == 5e-4  # given on the command line: it wins
-    assert args.time_budget == preset["time_budget"] and args.min_snr_gamma == preset["min_snr_gamma"] > 0
+    assert args.time_budget == preset["time_budget"] and args.formulation == preset["formulation"] == "flow"
+    assert args.p_mean == preset["p_mean"] != config.parse_args([], conditional=False)[0].p_mean  # not the default
     assert args.channel_mult == preset["channel_mult"] == (1, 2, 2)  # typed, as the preset holds it
     assert config.parse_args([], conditional=False)[0].time_budget is None  # no preset: the documented defaults
 

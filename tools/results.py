@@ -18,7 +18,7 @@ import eval as eval_script
 from checkpoint import PRETRAINED
 from cli import ArgumentParser, UserError, guarded
 from fileio import write_json, write_text
-from tools.tables import choose, load_rows, machine
+from tools.tables import choose, load_rows, machine, machines
 
 METRICS = ("fid_inception", "fid_mnist", "is_mnist_mean", "precision", "recall", "class_accuracy")
 
@@ -34,7 +34,7 @@ def score(name: str, source: str, args, sampler_flags=()) -> dict:
                 guidance_scale=s.get("guidance_scale"), network_evaluations=s["network_calls"],
                 sampling_seconds=report["seconds"]["generation"], step=s["step"],
                 **{k: report.get(k) for k in METRICS}, floor={k: (report["floor"] or {}).get(k) for k in METRICS},
-                inception=not args.no_inception, date=time.strftime("%Y-%m-%d"))
+                inception=not args.no_inception, date=time.strftime("%Y-%m-%d"), machine=machine())
 
 
 def fmt(value, digits: int) -> str:
@@ -97,10 +97,10 @@ def main(argv=None):
     for name in names:
         row = score(name, models[name], args, sampler)
         rows = [r for r in rows if r["model"] != name] + [row]
-        write_json(rows_path, dict(machine=machine(), rows=rows))
+        write_json(rows_path, dict(rows=rows))
         print(f"{name}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if row[k] is not None), flush=True)
     if rows:
-        write_table(rows, args.table, machine())
+        write_table(rows, args.table, machines(rows))
         print(f"wrote {args.table}")
 
 

@@ -13,7 +13,7 @@ import os
 from cli import ArgumentParser, guarded
 from fileio import write_json, write_text
 from tools.results import METRICS, score, table_lines
-from tools.tables import choose, load_rows, machine
+from tools.tables import choose, load_rows, machines
 
 # group: (the shipped model it samples, what it shows, [(row, eval.py flags), ...])
 GROUPS = {
@@ -90,11 +90,11 @@ def main(argv=None):
         for i, (label, flags) in enumerate(specs):
             row = dict(score(f"{group}_{i:02d}", args.model or source, args, flags), model=label, group=group)
             rows = [r for r in rows if (r["group"], r["model"]) != (group, label)] + [row]
-            write_json(rows_path, dict(machine=machine(), rows=rows))
+            write_json(rows_path, dict(rows=rows))
             print(f"{group}, {label}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if row[k] is not None),
                   flush=True)
     if rows:
-        write_table(rows, args.table, machine())
+        write_table(rows, args.table, machines(rows))
         print(f"wrote {args.table}")
 
 

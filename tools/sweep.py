@@ -2,7 +2,7 @@
 sampler, score them with eval.py, and write one table (docs/cpu_recipe.md, rows in docs/cpu_recipe.json).
 
     python -m tools.sweep --minutes 3 --seeds 0,1          # rank every candidate cheaply: two seeds each
-    python -m tools.sweep --only edm,flow --minutes 9.5    # confirm the best at the preset's budget
+    python -m tools.sweep --only preset,ddpm_minsnr --minutes 9.5    # confirm the best at the preset's budget
     python -m tools.sweep --only none                      # no training: rewrite the table from its JSON
 
 A candidate is `--preset cpu` with some flags changed, and runs as the full command line of train.py or
@@ -23,7 +23,7 @@ from typing import NamedTuple
 from cli import ArgumentParser, fail, float_list, guarded
 from config import PRESETS, flag_value
 from fileio import write_json, write_text
-from tools.tables import choose, load_rows, machine
+from tools.tables import choose, load_rows, machine, machines
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What every candidate changes in the preset: one evaluation, at the end, which the budget does not count.
@@ -37,43 +37,40 @@ class Candidate(NamedTuple):
     script: str = "train.py"
 
 
-FLOW = dict(formulation="flow", min_snr_gamma=0.0, p_mean=0.0, p_std=1.0)  # logit-normal t (Esser et al. 2024)
-FLOW_SILU = dict(FLOW, activation="silu")
+# The recipe `--preset cpu` had before flow matching won: ddpm (linear betas, eps, uniform t), ReLU, Min-SNR-5.
+DDPM = dict(formulation="ddpm", activation="relu", min_snr_gamma=5.0, p_mean=-1.2, p_std=1.2)
 CANDIDATES = {
-    "preset": Candidate("baseline", {}, "`--preset cpu`: 1.06M U-Net (32/64/64, ReLU), ddpm, eps, Min-SNR-5, bf16"),
+    "preset": Candidate("baseline", {}, "`--preset cpu`: flow matching (straight path, velocity target, "
+                        "logit-normal t), 1.06M U-Net (32/64/64, SiLU), bf16"),
+    "ddpm_minsnr": Candidate("formulation", DDPM, "ddpm, eps, Min-SNR-5, ReLU: the recipe of the first sweep"),
     # the formulation: how noise levels are drawn, weighted and fed to the network
-    "edm": Candidate("formulation", dict(formulation="edm", min_snr_gamma=0.0),
+    "edm": Candidate("formulation", dict(formulation="edm", p_mean=-1.2, p_std=1.2),
                      "EDM preconditioning and loss, ln(sigma) ~ N(-1.2, 1.2^2) (the paper's CIFAR-10 values)"),
-    "edm_p0": Candidate("formulation", dict(formulation="edm", min_snr_gamma=0.0, p_mean=0.0, p_std=1.6),
+    "edm_p0": Candidate("formulation", dict(formulation="edm", p_mean=0.0, p_std=1.6),
                         "EDM, ln(sigma) ~ N(0, 1.6^2): more training at the noise levels where digits take shape"),
-    "flow": Candidate("formulation", FLOW, "flow matching: straight path, velocity target, logit-normal t"),
+    "flow_relu": Candidate("network", dict(activation="relu"), "flow matching on the ReLU U-Net"),
     # the discrete process's schedule and timesteps
-    "ddpm_lognormal": Candidate("schedule", dict(timestep_sampling="lognormal", p_mean=0.0, p_std=1.0),
+    "ddpm_lognormal": Candidate("schedule", dict(DDPM, timestep_sampling="lognormal", p_mean=0.0, p_std=1.0),
                                 "ddpm with its timesteps drawn at ln(sigma) ~ N(0, 1): flow's noise levels, ddpm's loss"),
-    "ddpm_cosine": Candidate("schedule", dict(beta_schedule="cosine"), "ddpm, cosine schedule"),
-    "ddpm_cosine_shift2": Candidate("schedule", dict(beta_schedule="cosine", logsnr_shift=2.0),
+    "ddpm_cosine": Candidate("schedule", dict(DDPM, beta_schedule="cosine"), "ddpm, cosine schedule"),
+    "ddpm_cosine_shift2": Candidate("schedule", dict(DDPM, beta_schedule="cosine", logsnr_shift=2.0),
                                     "ddpm, cosine schedule shifted by +2 in log-SNR (less noise, for 28x28)"),
-    "ddpm_cosine_shift-1": Candidate("schedule", dict(beta_schedule="cosine", logsnr_shift=-1.0),
+    "ddpm_cosine_shift-1": Candidate("schedule", dict(DDPM, beta_schedule="cosine", logsnr_shift=-1.0),
                                      "ddpm, cosine schedule shifted by -1 in log-SNR (more noise)"),
-    "ddpm_lognormal_silu": Candidate("schedule", dict(timestep_sampling="lognormal", p_mean=0.0, p_std=1.0,
-                                                      activation="silu"), "ddpm_lognormal, SiLU"),
-    # the network at CPU scale, on flow
-    "flow_silu": Candidate("network", FLOW_SILU, "flow, SiLU"),
-    "flow_silu_attn7": Candidate("network", dict(FLOW_SILU, attention_resolutions=(7,)),
-                                 "flow, SiLU, self-attention at 7x7 (1.11M)"),
-    "flow_silu_124_attn7": Candidate("network", dict(FLOW_SILU, channel_mult=(1, 2, 4), attention_resolutions=(7,)),
-                                     "flow, SiLU, channels 32/64/128 and attention at 7x7 (2.73M)"),
-    "flow_silu_16_64_128": Candidate("network", dict(FLOW_SILU, model_channels=16, channel_mult=(1, 4, 8)),
-                                     "flow, SiLU, channels 16/64/128: parameters at low resolution (2.37M, 0.45 GFLOP)"),
-    "flow_silu_norm1": Candidate("network", dict(FLOW_SILU, norm_groups=1), "flow, SiLU, one group per GroupNorm"),
-    "flow_silu_ema9995": Candidate("ema", dict(FLOW_SILU, ema_decay=0.9995), "flow, SiLU, EMA decay 0.9995"),
-    "flow_silu_ema998": Candidate("ema", dict(FLOW_SILU, ema_decay=0.998), "flow, SiLU, EMA decay 0.998"),
+    # the network at CPU scale
+    "flow_attn7": Candidate("network", dict(attention_resolutions=(7,)), "self-attention at 7x7 (1.11M)"),
+    "flow_124_attn7": Candidate("network", dict(channel_mult=(1, 2, 4), attention_resolutions=(7,)),
+                                "channels 32/64/128 and attention at 7x7 (2.73M)"),
+    "flow_16_64_128": Candidate("network", dict(model_channels=16, channel_mult=(1, 4, 8)),
+                                "channels 16/64/128: parameters at low resolution (2.37M, 0.45 GFLOP)"),
+    "flow_norm1": Candidate("network", dict(norm_groups=1), "one group per GroupNorm"),
+    "flow_ema9995": Candidate("ema", dict(ema_decay=0.9995), "EMA decay 0.9995"),
+    "flow_ema998": Candidate("ema", dict(ema_decay=0.998), "EMA decay 0.998"),
     "conditional": Candidate("baseline", {}, "`train_conditional.py --preset cpu` (guidance 0.5)", "train_conditional.py"),
-    "conditional_flow_silu": Candidate("conditional", FLOW_SILU, "conditional, flow, SiLU (guidance 0.5)",
-                                       "train_conditional.py"),
-    "conditional_flow_silu_16_64_128": Candidate("conditional", dict(FLOW_SILU, model_channels=16, channel_mult=(1, 4, 8)),
-                                                 "conditional, flow, SiLU, channels 16/64/128 (guidance 0.5)",
-                                                 "train_conditional.py"),
+    "conditional_ddpm_minsnr": Candidate("conditional", DDPM, "conditional, ddpm_minsnr's recipe (guidance 0.5)",
+                                         "train_conditional.py"),
+    "conditional_16_64_128": Candidate("conditional", dict(model_channels=16, channel_mult=(1, 4, 8)),
+                                       "conditional, channels 16/64/128 (guidance 0.5)", "train_conditional.py"),
 }
 
 
@@ -119,7 +116,7 @@ def run_candidate(name: str, minutes: float, seed: int, args) -> dict:
                 precision=metrics["precision"], recall=metrics["recall"], class_accuracy=metrics.get("class_accuracy"),
                 num_samples=args.num_samples, sampler=metrics["settings"]["sampler"],
                 network_calls=metrics["settings"]["network_calls"], sampling_seconds=metrics["seconds"]["generation"],
-                date=time.strftime("%Y-%m-%d"))
+                date=time.strftime("%Y-%m-%d"), machine=machine())
 
 
 def fmt(v, digits=3):
@@ -181,11 +178,11 @@ def main(argv=None):
                 continue
             row = run_candidate(name, args.minutes, seed, args)
             rows = [r for r in rows if (r["candidate"], r["minutes"], r["seed"]) != key] + [row]
-            write_json(rows_path, dict(machine=machine(), rows=rows))
+            write_json(rows_path, dict(rows=rows))
             print(f"{name}, {args.minutes:g} min, seed {seed}: fid_mnist {row['fid_mnist']:.1f} "
                   f"(floor {row['floor_fid_mnist']:.1f}), {row['images_seen']:,} images", flush=True)
     if rows:
-        write_table(rows, args.table, machine())
+        write_table(rows, args.table, machines(rows))
 
 
 if __name__ == "__main__":

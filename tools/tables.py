@@ -17,12 +17,14 @@ def choose(only: str | None, known, what: str) -> list:
 
 
 def load_rows(table: str) -> tuple:
-    """(path, rows) of the JSON that sits beside a generated Markdown table (x.md -> x.json); no rows yet: []."""
+    """(path, rows) of the JSON that sits beside a generated Markdown table (x.md -> x.json); no rows yet: [].
+    Each row names the machine it was measured on (older files name it once, for all their rows)."""
     path = os.path.splitext(table)[0] + ".json"
     if not os.path.isfile(path):
         return path, []
     with open(path) as f:
-        return path, json.load(f)["rows"]
+        data = json.load(f)
+    return path, [{"machine": data.get("machine"), **row} for row in data["rows"]]
 
 
 def cpu_name() -> str:
@@ -35,3 +37,8 @@ def cpu_name() -> str:
 
 def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} CPU threads"
+
+
+def machines(rows: list) -> str:
+    """Where a table's rows were measured, for its header."""
+    return " and ".join(sorted({row["machine"] for row in rows}))
