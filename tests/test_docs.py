@@ -2,6 +2,7 @@
 flag the README names is one a script takes, and the README's layers are the modules' real imports."""
 import ast
 import glob
+import json
 import os
 import re
 
@@ -11,7 +12,7 @@ import config
 import eval as eval_script
 import inference
 from conftest import REPO
-from tools import bench, flags, results, samplers, sweep
+from tools import bench, flags, results, samplers, sweep, tables
 
 pytestmark = pytest.mark.unit
 
@@ -45,6 +46,15 @@ def test_docs_run_only_scripts_that_exist():
         for script in set(scripts) - {"pytest", "-c", "venv"}:
             module = script.replace(".", "/") if "/" not in script else script
             assert os.path.isfile(os.path.join(REPO, module + ".py")), f"{os.path.basename(path)} runs {script}"
+
+
+def test_tables_name_the_machine_of_each_row(tmp_path):
+    """A table rewritten elsewhere keeps its rows' machines: an older JSON names one for all its rows."""
+    table = tmp_path / "t.md"
+    (tmp_path / "t.json").write_text(json.dumps(dict(machine="host A", rows=[{"x": 1}, {"x": 2, "machine": "host B"}])))
+    _, rows = tables.load_rows(str(table))
+    assert [r["machine"] for r in rows] == ["host A", "host B"]
+    assert tables.machines(rows) == "host A and host B" and tables.machines(rows[:1]) == "host A"
 
 
 def test_preset_values_are_typed_and_known_flags():

@@ -1,9 +1,9 @@
 """The CPU recipe sweep: train each candidate for a wall-clock budget, sample N images with its default
 sampler, score them with eval.py, and write one table (docs/cpu_recipe.md, rows in docs/cpu_recipe.json).
 
-    python -m tools.sweep --minutes 3 --seeds 0,1          # rank every candidate cheaply: two seeds each
-    python -m tools.sweep --only preset,ddpm_minsnr --minutes 9.5    # confirm the best at the preset's budget
-    python -m tools.sweep --only none                      # no training: rewrite the table from its JSON
+    python -m tools.sweep --minutes 3 --seeds 0,1                  # rank every candidate cheaply: two seeds each
+    python -m tools.sweep --only preset,ddpm_minsnr --minutes 9.5  # confirm the best at the preset's budget
+    python -m tools.sweep --only none                              # no training: rewrite the table from its JSON
 
 A candidate is `--preset cpu` with some flags changed, and runs as the full command line of train.py or
 train_conditional.py that it expands to, so that a row can be rerun by hand (and still can after the
