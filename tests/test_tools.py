@@ -47,3 +47,17 @@ def test_sampler_table_scores_every_row_of_a_group(tmp_path, train_flags, data_d
     calls = {r["model"]: r["network_evaluations"] for r in rows}
     assert calls["heun 18 levels, ODE"] == 35 and calls["dpm_solver 20, SDE"] == 20 and calls["ddim 50, eta 1"] == 50
     assert table.read_text().count("| real MNIST test |") == 1
+
+
+def test_sampler_table_skips_the_samplers_a_model_lacks(tmp_path, train_flags, data_dir):
+    """On a ddpm model the samplers group scores its DDIM and DPM-Solver++(2M) rows and skips heun and 3M."""
+    run_training(train_flags + ["--experiment_name", "ddpm", "--max_steps", "1", "--formulation", "ddpm"])
+    model = str(tmp_path / "runs" / "ddpm" / "last.pth")
+    assert samplers.methods_of(model) == ("ddpm", "ddim", "dpm_solver")
+    samplers.main(["--only", "samplers", "--model", model, "--num_samples", "10", "--no_inception", "--data_dir",
+                   data_dir, "--out", str(tmp_path / "out"), "--table", str(tmp_path / "samplers.md")])
+    rows = json.loads((tmp_path / "samplers.json").read_text())["rows"]
+    expected = [label for label, flags in samplers.GROUPS["samplers"][2]
+                if not any(m in flags for m in ("heun", "dpm_solver_3m"))]
+    assert [r["model"] for r in rows] == expected and len(expected) == 9
+    assert {samplers.row_method(flags) for _, flags in samplers.GROUPS["guidance"][2]} == {"dpm_solver"}

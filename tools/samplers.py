@@ -1,5 +1,6 @@
 """Samplers against network calls, and guidance against the headline metric: docs/samplers.md (rows in
-docs/samplers.json), each row one eval.py run on a shipped model at N images, beside the real test split.
+docs/samplers.json), each row one eval.py run on a shipped model (or --model) at N images, beside the real
+test split. Rows whose sampler the model lacks (heun and dpm_solver_3m on ddpm models) are skipped.
 
     python -m tools.samplers                                    # every group, 1,000 samples each
     python -m tools.samplers --only guidance --num_samples 1000
@@ -10,8 +11,10 @@ A row already in the JSON is scored again only when its group is named with --on
 """
 import os
 
+from checkpoint import build_diffusion, load_checkpoint, pretrained_path
 from cli import ArgumentParser, guarded
 from fileio import write_json, write_text
+from sampling import add_sampling_args
 from tools.results import METRICS, score, table_lines
 from tools.tables import choose, load_rows, machines
 
@@ -66,6 +69,19 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def methods_of(source: str) -> tuple:
+    """The sampler names of a checkpoint path or pretrained:KIND (ddpm models lack heun and dpm_solver_3m)."""
+    path = pretrained_path(source.split(":", 1)[1]) if source.startswith("pretrained:") else source
+    return tuple(build_diffusion(load_checkpoint(path)["diffusion_config"]).SAMPLERS)
+
+
+def row_method(flags: list) -> str:
+    """The sampler a row's eval.py flags select (eval.py's default where they name none)."""
+    parser = ArgumentParser()
+    add_sampling_args(parser)
+    return parser.parse_known_args(flags)[0].method
+
+
 def write_table(rows: list, path: str, where: str) -> None:
     n = rows[0]["num_samples"]
     lines = ["# Samplers and guidance", "",
@@ -87,8 +103,13 @@ def main(argv=None):
     rows_path, rows = load_rows(args.table)
     for group in groups:
         source, _, specs = GROUPS[group]
+        source = args.model or source
+        methods = methods_of(source)
         for i, (label, flags) in enumerate(specs):
-            row = dict(score(f"{group}_{i:02d}", args.model or source, args, flags), model=label, group=group)
+            if row_method(flags) not in methods:
+                print(f"{group}, {label}: skipped, not a sampler of {source}", flush=True)
+                continue
+            row = dict(score(f"{group}_{i:02d}", source, args, flags), model=label, group=group)
             rows = [r for r in rows if (r["group"], r["model"]) != (group, label)] + [row]
             write_json(rows_path, dict(rows=rows))
             print(f"{group}, {label}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if row[k] is not None),
