@@ -49,8 +49,9 @@ def test_sampler_table_scores_every_row_of_a_group(tmp_path, train_flags, data_d
     assert table.read_text().count("| real MNIST test |") == 1
 
 
-def test_sampler_table_skips_the_samplers_a_model_lacks(tmp_path, train_flags, data_dir):
-    """On a ddpm model the samplers group scores its DDIM and DPM-Solver++(2M) rows and skips heun and 3M."""
+def test_sampler_table_skips_the_samplers_a_model_lacks(tmp_path, train_flags, data_dir, monkeypatch):
+    """On a ddpm model the samplers group scores its DDIM and DPM-Solver++(2M) rows and skips heun and 3M;
+    re-scoring a group drops its rows of another model, which the skipped rows would otherwise leave."""
     run_training(train_flags + ["--experiment_name", "ddpm", "--max_steps", "1", "--formulation", "ddpm"])
     model = str(tmp_path / "runs" / "ddpm" / "last.pth")
     assert samplers.methods_of(model) == ("ddpm", "ddim", "dpm_solver")
@@ -60,4 +61,12 @@ def test_sampler_table_skips_the_samplers_a_model_lacks(tmp_path, train_flags, d
     expected = [label for label, flags in samplers.GROUPS["samplers"][2]
                 if not any(m in flags for m in ("heun", "dpm_solver_3m"))]
     assert [r["model"] for r in rows] == expected and len(expected) == 9
+    stale = dict(rows[0], model="heun 18 levels, ODE", source="elsewhere.pth")
+    (tmp_path / "samplers.json").write_text(json.dumps(dict(rows=rows + [stale])))
+    last_row = samplers.GROUPS["samplers"][2][-1]  # "ddim 50, eta 1": scored again, alone
+    monkeypatch.setitem(samplers.GROUPS, "samplers", samplers.GROUPS["samplers"][:2] + ([last_row],))
+    samplers.main(["--only", "samplers", "--model", model, "--num_samples", "10", "--no_inception", "--data_dir",
+                   data_dir, "--out", str(tmp_path / "out"), "--table", str(tmp_path / "samplers.md")])
+    again = json.loads((tmp_path / "samplers.json").read_text())["rows"]
+    assert sorted(r["model"] for r in again) == sorted(expected) and {r["source"] for r in again} == {model}
     assert {samplers.row_method(flags) for _, flags in samplers.GROUPS["guidance"][2]} == {"dpm_solver"}

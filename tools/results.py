@@ -23,9 +23,15 @@ from tools.tables import choose, load_rows, machine, machines
 METRICS = ("fid_inception", "fid_mnist", "is_mnist_mean", "precision", "recall", "class_accuracy")
 
 
+def pretrained_kind(source: str) -> str | None:
+    """KIND of a pretrained:KIND source, None for a checkpoint path."""
+    return source.split(":", 1)[1] if source.startswith("pretrained:") else None
+
+
 def score(name: str, source: str, args, sampler_flags=()) -> dict:
     """eval.py on one model; source is a checkpoint path or pretrained:KIND; sampler_flags are eval.py's."""
-    model = ["--pretrained", source.split(":", 1)[1]] if source.startswith("pretrained:") else ["--model_path", source]
+    kind = pretrained_kind(source)
+    model = ["--pretrained", kind] if kind else ["--model_path", source]
     flags = model + ["--num_samples", str(args.num_samples), "--save_dir", os.path.join(args.out, name),
                      "--data_dir", args.data_dir] + (["--no_inception"] if args.no_inception else []) + list(sampler_flags)
     report = eval_script.main(flags)

@@ -15,7 +15,7 @@ from checkpoint import build_diffusion, load_checkpoint, pretrained_path
 from cli import ArgumentParser, guarded
 from fileio import write_json, write_text
 from sampling import add_sampling_args
-from tools.results import METRICS, score, table_lines
+from tools.results import METRICS, pretrained_kind, score, table_lines
 from tools.tables import choose, load_rows, machines
 
 # group: (the shipped model it samples, what it shows, [(row, eval.py flags), ...])
@@ -71,7 +71,8 @@ def build_parser() -> ArgumentParser:
 
 def methods_of(source: str) -> tuple:
     """The sampler names of a checkpoint path or pretrained:KIND (ddpm models lack heun and dpm_solver_3m)."""
-    path = pretrained_path(source.split(":", 1)[1]) if source.startswith("pretrained:") else source
+    kind = pretrained_kind(source)
+    path = pretrained_path(kind) if kind else source
     return tuple(build_diffusion(load_checkpoint(path)["diffusion_config"]).SAMPLERS)
 
 
@@ -105,6 +106,8 @@ def main(argv=None):
         source, _, specs = GROUPS[group]
         source = args.model or source
         methods = methods_of(source)
+        # A group's table names one model: rows of another, which this model may not re-score, go.
+        rows = [r for r in rows if r["group"] != group or r["source"] == source]
         for i, (label, flags) in enumerate(specs):
             if row_method(flags) not in methods:
                 print(f"{group}, {label}: skipped, not a sampler of {source}", flush=True)
