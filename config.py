@@ -101,6 +101,8 @@ HELP = {
     "logsnr_shift": "ddpm: added to the schedule's log-SNR at every step; > 0 is less noise (for small images)",
     "timestep_sampling": "ddpm: training timesteps uniform, or lognormal: at ln(sigma) ~ N(p_mean, p_std^2)",
     "sigma_data": "edm: the data's scale in its preconditioning",
+    "range_loss": "edm, flow: one_sided leaves out the errors beyond the end of the data range a pixel's target "
+                  "sits at (the samplers clamp them away); same minimiser as the mse",
     "p_mean": "edm, flow, ddpm's lognormal timesteps: training noise levels ln(sigma) ~ N(p_mean, p_std^2)",
     "p_std": "see --p_mean",
     "sample_method": "sampler for grids and evaluations (ddpm, ddim, dpm_solver; heun and dpm_solver_3m for edm "
@@ -112,7 +114,7 @@ HELP = {
     "guidance_interval": "guide those only at noise levels sigma in (LO, HI] (default: all)",
 }
 CHOICES = {"activation": tuple(ACTIVATIONS), "beta_schedule": BETA_SCHEDULES, "prediction": PREDICTIONS,
-           "timestep_sampling": TIMESTEP_SAMPLING,
+           "timestep_sampling": TIMESTEP_SAMPLING, "range_loss": edm.RANGE_LOSSES,
            "formulation": FORMULATIONS, "sample_method": tuple(dict.fromkeys(DDPM_METHODS + edm.METHODS))}
 METAVARS = {"resume": "PATH", "time_budget": "MINUTES", "guidance_interval": "LO,HI"}
 
@@ -121,7 +123,8 @@ METAVARS = {"resume": "PATH", "time_budget": "MINUTES", "guidance_interval": "LO
 # learning rate annealed to the budget's end.
 PRESETS = {
     "cpu": dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
-                activation="silu", dropout=0.0, formulation="flow", p_mean=0.0, p_std=1.0, min_snr_gamma=0.0,
+                activation="silu", dropout=0.0, formulation="flow", p_mean=0.0, p_std=1.0, range_loss="one_sided",
+                min_snr_gamma=0.0,
                 batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999,
                 epochs=100, save_freq=1, eval_freq=1, eval_samples=200, time_budget=9.5),
 }

@@ -44,7 +44,7 @@ def blur(images: torch.Tensor, size: int = 5) -> torch.Tensor:
 
 REAL_SETS = {"test": lambda images: images, "noised": add_noise, "blurred": blur}
 REPORT_KEYS = ("fid_inception", "is_inception_mean", "is_inception_std", "fid_mnist", "is_mnist_mean",
-               "is_mnist_std", "precision", "recall", "class_accuracy")
+               "is_mnist_std", "precision", "recall", "class_accuracy", "faint_pixels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", default=None, metavar="PATH", help="evaluate an npz (images, labels) or a PNG folder")
     p.add_argument("--real", choices=sorted(REAL_SETS), default=None,
                    help="evaluate the real MNIST test split (test), or degraded copies of it (the floor's scale)")
+    p.add_argument("--noise_std", type=float, default=60.0,
+                   help="--real noised: the Gaussian pixel noise's std, in grey levels of 0..255")
     p.add_argument("--save_dir", default=None,
                    help="default: eval/ beside the checkpoint (outputs/pretrained_KIND/eval for --pretrained, ./eval for "
                         "--samples and --real)")
@@ -187,7 +189,8 @@ def main(argv=None):
         images = to_uint8(x)
         generation_seconds = time.perf_counter() - start
     elif args.real:
-        images = REAL_SETS[args.real](evaluator.test_images[:args.num_samples])
+        real = evaluator.test_images[:args.num_samples]
+        images = add_noise(real, args.noise_std) if args.real == "noised" else REAL_SETS[args.real](real)
         settings["source"] = f"MNIST test split ({args.real})"
     settings["num_images"] = len(images)
 

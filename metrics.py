@@ -106,6 +106,16 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS)
     return precision, recall
 
 
+FAINT_LEVELS = (1, 10)  # the grey levels of faint speckle on a black background
+
+
+def faint_fraction(images: torch.Tensor) -> float:
+    """uint8 [N, 28, 28]: the fraction of pixels at FAINT_LEVELS, where a model's leftover noise on the black
+    background shows. The MNIST-classifier metrics hardly see it; TF-Inception features do."""
+    lo, hi = FAINT_LEVELS
+    return ((images >= lo) & (images <= hi)).float().mean().item()
+
+
 def pixel_stats(images: torch.Tensor) -> dict:
     """uint8 [N, 28, 28]: mean/std in [0, 1] and the 256-bin histogram."""
     x = images.float() / 255
@@ -344,6 +354,7 @@ class Evaluator:
         details["class_histogram"] = np.bincount(predicted, minlength=10).tolist()
         if labels is not None:
             metrics["class_accuracy"] = float((predicted == labels.numpy()).mean())
+        metrics["faint_pixels"] = faint_fraction(images)
         seconds["mnist_metrics"] = time.perf_counter() - start
 
         if inception and self.inception is not None:

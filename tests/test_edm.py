@@ -64,6 +64,26 @@ def test_loss_is_the_papers_weighting_of_the_denoiser_error(formulation):
     assert loss.item() == pytest.approx((weight * delta ** 2).mean().item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("formulation", ["edm", "flow"])
+def test_one_sided_range_loss_drops_only_the_overshoot_at_the_range_ends(formulation):
+    """Pixels at -1, at +1 and inside, each with a denoiser off by +delta or -delta: one_sided costs what the
+    MSE costs except where D passes the end its target sits at (-1 - delta, 1 + delta), which cost nothing."""
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.tensor([-1.0, -1.0, 1.0, 1.0, 0.2, 0.2]).view(1, 1, 1, 6).expand(32, 1, 1, 6).contiguous()
+    delta = torch.tensor([-0.1, 0.1, -0.1, 0.1, -0.1, 0.1]).view(1, 1, 1, 6)
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = KarrasDiffusion(formulation).draw_noise_levels(32, "cpu", g)
+    losses = {}
+    for range_loss in ("mse", "one_sided"):
+        d = KarrasDiffusion(formulation, range_loss=range_loss)
+        c_skip, c_out, c_in, _ = d.preconditioning(sigma)
+        off_by_delta = lambda x_in, t_in: (x0 + delta - c_skip * x_in / c_in) / c_out  # noqa: E731
+        losses[range_loss] = d.training_loss(off_by_delta, x0, t=sigma, noise=noise).item()
+    lam = (1 / c_out.flatten() ** 2).mean().item()  # the weight of the denoiser's squared error
+    assert losses["mse"] == pytest.approx(lam * 0.1 ** 2, rel=1e-4)
+    assert losses["one_sided"] == pytest.approx(losses["mse"] * 4 / 6, rel=1e-4)
+
+
 def test_flow_target_is_the_velocity():
     d = KarrasDiffusion("flow")
     g = torch.Generator().manual_seed(2)

@@ -9,6 +9,7 @@ from cli import UserError
 from data import load_mnist
 from metrics import (
     Evaluator,
+    faint_fraction,
     feature_stats,
     frechet_distance,
     inception_features,
@@ -102,6 +103,21 @@ def test_png_folder_and_bad_inputs(tmp_path, data_dir):
     np.savez(npz, pictures=u)
     with pytest.raises(UserError, match="no 'images'"):
         eval_script.load_samples(str(npz))
+
+
+@pytest.mark.unit
+def test_faint_pixels_count_grey_levels_1_to_10():
+    images = torch.zeros(4, 28, 28, dtype=torch.uint8)
+    images[0, 0, :5] = torch.tensor([1, 10, 11, 255, 0], dtype=torch.uint8)  # two faint, three not
+    images[1, 1, :3] = 3
+    assert faint_fraction(images) == pytest.approx(5 / images.numel())
+
+
+def test_faint_noise_on_real_digits_is_what_faint_pixels_measures(data_dir):
+    """MNIST's background is exactly black; noise of a few grey levels turns about half of it faint."""
+    real = load_mnist(data_dir, train=False)[0][:500]
+    clean, noised = faint_fraction(real), faint_fraction(eval_script.add_noise(real, 3.0))
+    assert clean < 0.02 and 0.3 < noised < 0.5
 
 
 def test_real_data_scores_near_floor_and_degraded_copies_worse(data_dir):

@@ -20,7 +20,7 @@ from cli import ArgumentParser, UserError, guarded
 from fileio import write_json, write_text
 from tools.tables import choose, load_rows, machine, machines
 
-METRICS = ("fid_inception", "fid_mnist", "is_mnist_mean", "precision", "recall", "class_accuracy")
+METRICS = ("fid_inception", "fid_mnist", "is_mnist_mean", "precision", "recall", "class_accuracy", "faint_pixels")
 
 
 def pretrained_kind(source: str) -> str | None:
@@ -47,18 +47,23 @@ def fmt(value, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def percent(value) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
 def table_lines(rows: list) -> list:
     """A Markdown table of scored rows, the real test split at the same N as its last row."""
-    floor = next((r["floor"] for r in rows if r["inception"]), rows[0]["floor"])
+    floor = next((r["floor"] for r in reversed(rows) if r["inception"]), rows[-1]["floor"])
     lines = ["| model | sampler | network calls | sampling s | fid_inception | fid_mnist | is_mnist | precision | recall "
-             "| class accuracy | date |", "|" + "---|" * 11]
+             "| class accuracy | faint px | date |", "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['model']} | {r['sampler']} | {r['network_evaluations']:g} | {r['sampling_seconds']:.0f} | "
                      f"{fmt(r['fid_inception'], 2)} | {fmt(r['fid_mnist'], 2)} | {fmt(r['is_mnist_mean'], 2)} | "
-                     f"{fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | {fmt(r['class_accuracy'], 4)} | {r['date']} |")
+                     f"{fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | {fmt(r['class_accuracy'], 4)} | "
+                     f"{percent(r.get('faint_pixels'))} | {r['date']} |")
     lines.append(f"| real MNIST test | | | | {fmt(floor['fid_inception'], 2)} | {fmt(floor['fid_mnist'], 2)} | "
                  f"{fmt(floor['is_mnist_mean'], 2)} | {fmt(floor['precision'], 3)} | {fmt(floor['recall'], 3)} | "
-                 f"{fmt(floor['class_accuracy'], 4)} | |")
+                 f"{fmt(floor['class_accuracy'], 4)} | {percent(floor.get('faint_pixels'))} | |")
     return lines
 
 
@@ -67,7 +72,8 @@ def write_table(rows: list, path: str, where: str) -> None:
     lines = [f"# Results at N = {n:,}", "",
              f"`python -m tools.results` on {where}: each model draws {n:,} images with the sampler of its row, which "
              "`eval.py` scores against the MNIST training set (fid_inception: TF-Inception pool3 features of "
-             "10,000 training images; the rest: the repository's MNIST classifier). The last row is the real "
+             "10,000 training images; the rest: the repository's MNIST classifier; faint px: the share of pixels at "
+             "grey levels 1-10, leftover noise on the black background). The last row is the real "
              f"MNIST test split, {n:,} images: the floor each metric is held to.", ""] + table_lines(rows)
     write_text(path, "\n".join(lines) + "\n")
 
