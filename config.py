@@ -14,7 +14,17 @@ import edm
 from checkpoint import build_diffusion
 from cli import ArgumentParser, add_speed_args, float_list
 from conditional_ddpm import check_guidance_interval, check_guidance_scale
-from ddpm_model import ACTIVATIONS, BETA_SCHEDULES, PREDICTIONS, TIMESTEP_SAMPLING, DiffusionConfig, ModelConfig, NoiseLevelConfig
+from ddpm_model import (
+    ACTIVATIONS,
+    BETA_SCHEDULES,
+    PREDICTIONS,
+    RANGE_LOSSES,
+    TIMESTEP_SAMPLING,
+    DiffusionConfig,
+    LossConfig,
+    ModelConfig,
+    NoiseLevelConfig,
+)
 from ddpm_model import METHODS as DDPM_METHODS
 from edm import KarrasConfig
 
@@ -101,8 +111,8 @@ HELP = {
     "logsnr_shift": "ddpm: added to the schedule's log-SNR at every step; > 0 is less noise (for small images)",
     "timestep_sampling": "ddpm: training timesteps uniform, or lognormal: at ln(sigma) ~ N(p_mean, p_std^2)",
     "sigma_data": "edm: the data's scale in its preconditioning",
-    "range_loss": "edm, flow: one_sided leaves out the errors beyond the end of the data range a pixel's target "
-                  "sits at (the samplers clamp them away); same minimiser as the mse",
+    "range_loss": "one_sided leaves out the errors beyond the end of the data range a pixel's target sits at "
+                  "(the samplers clamp them away); same minimiser as the mse",
     "p_mean": "edm, flow, ddpm's lognormal timesteps: training noise levels ln(sigma) ~ N(p_mean, p_std^2)",
     "p_std": "see --p_mean",
     "sample_method": "sampler for grids and evaluations (ddpm, ddim, dpm_solver; heun and dpm_solver_3m for edm "
@@ -114,7 +124,7 @@ HELP = {
     "guidance_interval": "guide those only at noise levels sigma in (LO, HI] (default: all)",
 }
 CHOICES = {"activation": tuple(ACTIVATIONS), "beta_schedule": BETA_SCHEDULES, "prediction": PREDICTIONS,
-           "timestep_sampling": TIMESTEP_SAMPLING, "range_loss": edm.RANGE_LOSSES,
+           "timestep_sampling": TIMESTEP_SAMPLING, "range_loss": RANGE_LOSSES,
            "formulation": FORMULATIONS, "sample_method": tuple(dict.fromkeys(DDPM_METHODS + edm.METHODS))}
 METAVARS = {"resume": "PATH", "time_budget": "MINUTES", "guidance_interval": "LO,HI"}
 
@@ -169,7 +179,7 @@ def build_parser(conditional: bool) -> argparse.ArgumentParser:
                    help="a named configuration; flags given on the command line override it. cpu: "
                         + " ".join(f"--{k} {flag_value(v) or repr('')}" for k, v in PRESETS["cpu"].items()))
     groups = [("training", [TrainingConfig]), ("model", [ModelConfig]),
-              ("diffusion", [FormulationConfig, DiffusionConfig, KarrasConfig, NoiseLevelConfig]),
+              ("diffusion", [FormulationConfig, DiffusionConfig, KarrasConfig, NoiseLevelConfig, LossConfig]),
               ("sample grids and evaluations", [GridSamplerConfig])]
     if conditional:
         groups.append(("conditioning", [ConditioningConfig]))
@@ -259,10 +269,10 @@ def values(args, config_class) -> dict:
 
 def diffusion_config(args) -> dict:
     """The keyword arguments of the run's process: GaussianDiffusion's (ddpm), else KarrasDiffusion's."""
-    noise_levels = values(args, NoiseLevelConfig)
+    noise_levels, loss = values(args, NoiseLevelConfig), values(args, LossConfig)
     if args.formulation == "ddpm":
-        return {**values(args, DiffusionConfig), **(noise_levels if args.timestep_sampling == "lognormal" else {})}
-    return dict(formulation=args.formulation, **values(args, KarrasConfig), **noise_levels)
+        return {**values(args, DiffusionConfig), **(noise_levels if args.timestep_sampling == "lognormal" else {}), **loss}
+    return dict(formulation=args.formulation, **values(args, KarrasConfig), **noise_levels, **loss)
 
 
 def model_config(args) -> dict:

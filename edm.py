@@ -15,12 +15,7 @@ all of it:
 In both the loss is the plain MSE between F and its target (x0 - c_skip x) / c_out: EDM's weighting
 1 / c_out^2 of the denoiser's error, and flow matching's unweighted velocity loss.
 
-range_loss "one_sided" leaves out the error of a pixel whose target is an end of the data range (MNIST's
-background is exactly -1) when D overshoots that end: the samplers clamp D to the range, so such an error
-never reaches a sample. The population minimiser is still the posterior mean, which lies inside the range;
-what changes is where a finite network puts its error there. With the plain MSE it is symmetric, and the
-half above -1 survives the clamp as faint speckle on the black background, which TF-Inception features
-weigh heavily (docs/results.md, "The loss at the ends of the data range").
+LossConfig's range_loss applies to both as it does to the discrete process.
 """
 import math
 from collections.abc import Callable, Sequence
@@ -29,11 +24,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ddpm_model import NoiseLevelConfig, SamplerDefaults, make_generator, resolve_eta, run_sampler
+from ddpm_model import (
+    DATA_RANGE,
+    LossConfig,
+    NoiseLevelConfig,
+    SamplerDefaults,
+    check_range_loss,
+    drop_clamped_errors,
+    make_generator,
+    resolve_eta,
+    run_sampler,
+)
 
 FORMULATIONS = ("edm", "flow")
-RANGE_LOSSES = ("mse", "one_sided")
-DATA_RANGE = (-1.0, 1.0)  # what the samplers clamp every denoised estimate to
 # The names of the discrete process's samplers mean the same here: ddpm is ancestral sampling over as many
 # levels as DDPM's T, ddim its deterministic (eta 0) or noisy form. Heun's steps are noise levels (2 steps - 1
 # network calls, EDM's 18 levels = 35 calls); the others' are network calls.
@@ -49,10 +52,9 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # the ends of the sampling grid (EDM's)
 
 @dataclass(frozen=True)
 class KarrasConfig:
-    """The preconditioning's data scale and the loss at the ends of the data range; with the formulation and
-    NoiseLevelConfig, KarrasDiffusion's keyword arguments (EDM's defaults for CIFAR-10, the plain MSE)."""
+    """The preconditioning's data scale; with the formulation, NoiseLevelConfig and LossConfig, KarrasDiffusion's
+    keyword arguments (EDM's defaults for CIFAR-10)."""
     sigma_data: float = 0.5
-    range_loss: str = "mse"
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = RHO) -> list:
@@ -176,12 +178,11 @@ class KarrasDiffusion(nn.Module):
 
     def __init__(self, formulation: str = "edm", sigma_data: float = KarrasConfig.sigma_data,
                  p_mean: float = NoiseLevelConfig.p_mean, p_std: float = NoiseLevelConfig.p_std, sigma_min: float = SIGMA_MIN,
-                 sigma_max: float = SIGMA_MAX, range_loss: str = KarrasConfig.range_loss):
+                 sigma_max: float = SIGMA_MAX, range_loss: str = LossConfig.range_loss):
         super().__init__()
         if formulation not in FORMULATIONS:
             raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
-        if range_loss not in RANGE_LOSSES:
-            raise ValueError(f"range_loss must be one of {RANGE_LOSSES}, got {range_loss!r}")
+        check_range_loss(range_loss)
         if not (sigma_data > 0 and p_std > 0 and 0 < sigma_min < sigma_max):
             raise ValueError("sigma_data, p_std and sigma_min must be positive, and sigma_min below sigma_max")
         self.config = dict(formulation=formulation, sigma_data=sigma_data, p_mean=p_mean, p_std=p_std,
@@ -222,8 +223,7 @@ class KarrasDiffusion(nn.Module):
                       generator: torch.Generator | None = None, t: torch.Tensor | None = None,
                       noise: torch.Tensor | None = None) -> torch.Tensor:
         """MSE of the network's output against the output that makes D(x0 + t noise, t) = x0, at noise
-        levels t (sigmas; drawn by draw_noise_levels when None) and unit Gaussian `noise`; with range_loss
-        one_sided, without the errors that put D beyond the end of the data range its target sits at."""
+        levels t (sigmas; drawn by draw_noise_levels when None) and unit Gaussian `noise`; range_loss: LossConfig."""
         if t is None:
             t = self.draw_noise_levels(x0.shape[0], x0.device, generator)
         if noise is None:
@@ -234,9 +234,7 @@ class KarrasDiffusion(nn.Module):
         target = (x0 - c_skip * x) / c_out
         error = out.float() - target.float()
         if self.range_loss == "one_sided":
-            overshoot = c_out * error  # D - x0
-            lo, hi = DATA_RANGE
-            error = error.masked_fill(((x0 <= lo) & (overshoot < 0)) | ((x0 >= hi) & (overshoot > 0)), 0.0)
+            error = drop_clamped_errors(error, x0, c_out * error)  # c_out * error = D - x0
         return error.square().flatten(1).mean(1).mean()
 
     def sampler_steps(self, method: str, steps: int | None = None) -> int:

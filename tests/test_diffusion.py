@@ -275,6 +275,28 @@ def test_min_snr_weighting_is_the_same_x0_loss_for_every_target(gamma):
     assert plain.item() == pytest.approx(0.25)  # gamma 0: the unweighted MSE of the target
 
 
+def test_one_sided_range_loss_drops_only_the_overshoot_at_the_range_ends():
+    """Pixels at -1, at +1 and inside, each with an x0 prediction off by -delta or +delta: with range_loss
+    one_sided the Min-SNR x0 loss counts every error but the two past the end their target sits at
+    (-1 - delta, 1 + delta), whatever the network predicts."""
+    from oracles import to_target
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.tensor([-1.0, -1.0, 1.0, 1.0, 0.2, 0.2]).view(1, 1, 1, 6).repeat(256, 1, 1, 1)
+    delta = torch.tensor([-0.1, 0.1, -0.1, 0.1, -0.1, 0.1]).view(1, 1, 1, 6)
+    kept = torch.tensor([0.0, 1, 1, 0, 1, 1])
+    noise, t = torch.randn(x0.shape, generator=g), torch.randint(0, T, (256,), generator=g)
+    ac = linear_alphas_cumprod()[t].view(-1, 1, 1, 1)
+    snr = (ac / (1 - ac)).flatten()
+    for range_loss, share in (("mse", 1.0), ("one_sided", kept.mean().item())):
+        expected = (snr.clamp(max=5.0) * 0.1 ** 2 * share).mean()
+        for prediction in ("eps", "x0", "v"):
+            d = GaussianDiffusion(T, prediction=prediction, range_loss=range_loss)
+            x_t = d.q_sample(x0, t, noise)
+            out = to_target((x0 + delta).double(), x_t.double(), ac, prediction).float()
+            loss = d.training_loss(lambda x, tt: out, x0, t=t, noise=noise, min_snr_gamma=5.0)
+            assert loss.item() == pytest.approx(expected.item(), rel=2e-3), (range_loss, prediction)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_last_step_returns_the_clean_x0_prediction(method):
     """The final step hands back the (clipped) x0 prediction, so no leftover noise reaches the image: a

@@ -122,7 +122,7 @@ def test_checkpoint_round_trip(tmp_path, conditional):
     loaded, diffusion = model_from_checkpoint(ckpt)
     assert type(loaded) is type(model) and not loaded.training
     assert diffusion.config == dict(timesteps=100, beta_schedule="cosine", prediction="v", logsnr_shift=0.0,
-                                    timestep_sampling="uniform")
+                                    timestep_sampling="uniform", range_loss="mse")
     for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()):
         assert torch.equal(a, b)
     raw, _ = model_from_checkpoint(ckpt, use_ema=False)
@@ -135,10 +135,11 @@ def test_a_continuous_formulation_round_trips_and_the_seeds_format_still_loads(t
     """A checkpoint records its process: KarrasDiffusion's config comes back as KarrasDiffusion, and a
     diffusion_config without a formulation (every checkpoint written before there was one) is the DDPM process."""
     model = UNet(**TINY)
-    save_checkpoint(str(tmp_path / "edm.pth"), model, model, KarrasDiffusion("flow", p_mean=0.0, p_std=1.0))
+    flow = KarrasDiffusion("flow", p_mean=0.0, p_std=1.0, range_loss="one_sided")
+    save_checkpoint(str(tmp_path / "edm.pth"), model, model, flow)
     _, diffusion = model_from_checkpoint(load_checkpoint(str(tmp_path / "edm.pth")))
     assert isinstance(diffusion, KarrasDiffusion) and diffusion.config["formulation"] == "flow"
-    assert (diffusion.p_mean, diffusion.p_std) == (0.0, 1.0)
+    assert (diffusion.p_mean, diffusion.p_std, diffusion.range_loss) == (0.0, 1.0, "one_sided")
     seed_format = build_diffusion(dict(timesteps=50, beta_schedule="cosine", prediction="x0"))
     assert isinstance(seed_format, GaussianDiffusion) and seed_format.timesteps == 50
 
