@@ -477,7 +477,7 @@ class GaussianDiffusion(nn.Module):
         t = torch.full((x.shape[0],), t_int, device=x.device, dtype=torch.long)
         eps, x0 = self.predict_eps_x0(model(x, t, **model_kwargs).to(x.dtype), x, t)
         if clip_denoised:
-            x0 = x0.clamp(-1, 1)
+            x0 = x0.clamp(*DATA_RANGE)
             eps = (x - self._at(self.sqrt_ac, t, x) * x0) / self._at(self.sqrt_one_minus_ac, t, x)
         return t, eps, x0
 

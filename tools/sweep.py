@@ -37,8 +37,8 @@ class Candidate(NamedTuple):
     script: str = "train.py"
 
 
-# The recipe `--preset cpu` had before flow matching won: ddpm (linear betas, eps, uniform t), ReLU, Min-SNR-5.
-DDPM = dict(formulation="ddpm", activation="relu", min_snr_gamma=5.0, p_mean=-1.2, p_std=1.2)
+# The recipe of the first sweep: ddpm (linear betas, eps, uniform t), ReLU, Min-SNR-5, the plain MSE.
+DDPM = dict(formulation="ddpm", activation="relu", min_snr_gamma=5.0, p_mean=-1.2, p_std=1.2, range_loss="mse")
 CANDIDATES = {
     "preset": Candidate("baseline", {}, "`--preset cpu`: flow matching (straight path, velocity target, "
                         "logit-normal t, one-sided loss at the range ends), 1.06M U-Net (32/64/64, SiLU), bf16"),
