@@ -42,7 +42,9 @@ def blur(images: torch.Tensor, size: int = 5) -> torch.Tensor:
     return F.avg_pool2d(images.float()[:, None], size, stride=1, padding=size // 2)[:, 0].round().to(torch.uint8)
 
 
-REAL_SETS = {"test": lambda images: images, "noised": add_noise, "blurred": blur}
+# The real sets of --real: each a function of the test images and the parsed flags.
+REAL_SETS = {"test": lambda images, args: images, "noised": lambda images, args: add_noise(images, args.noise_std),
+             "blurred": lambda images, args: blur(images)}
 REPORT_KEYS = ("fid_inception", "is_inception_mean", "is_inception_std", "fid_mnist", "is_mnist_mean",
                "is_mnist_std", "precision", "recall", "class_accuracy", "faint_pixels")
 
@@ -156,6 +158,8 @@ def main(argv=None):
         raise UserError("give one of --model_path, --pretrained, --samples or --real")
     from_model = not (args.samples or args.real)
     check_sample_count(args.num_samples, "--num_samples")
+    if args.noise_std < 0:
+        raise UserError(f"--noise_std must be at least 0, got {args.noise_std}")
     settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), source=args.samples)
     labels, generation_seconds = None, 0.0
     if from_model:  # every input is checked before the evaluator's setup
@@ -189,8 +193,7 @@ def main(argv=None):
         images = to_uint8(x)
         generation_seconds = time.perf_counter() - start
     elif args.real:
-        real = evaluator.test_images[:args.num_samples]
-        images = add_noise(real, args.noise_std) if args.real == "noised" else REAL_SETS[args.real](real)
+        images = REAL_SETS[args.real](evaluator.test_images[:args.num_samples], args)
         settings["source"] = f"MNIST test split ({args.real})"
     settings["num_images"] = len(images)
 

@@ -6,6 +6,7 @@ from PIL import Image
 
 import eval as eval_script
 from cli import UserError
+from conftest import exits_2
 from data import load_mnist
 from metrics import (
     Evaluator,
@@ -118,6 +119,14 @@ def test_faint_noise_on_real_digits_is_what_faint_pixels_measures(data_dir):
     real = load_mnist(data_dir, train=False)[0][:500]
     clean, noised = faint_fraction(real), faint_fraction(eval_script.add_noise(real, 3.0))
     assert clean < 0.02 and 0.3 < noised < 0.5
+
+
+@pytest.mark.unit
+def test_negative_noise_std_exits_2_and_writes_nothing(tmp_path, capsys):
+    save = tmp_path / "e"
+    exits_2(capsys, lambda: eval_script.main(["--real", "noised", "--noise_std", "-3", "--save_dir", str(save)]),
+            "--noise_std must be at least 0")
+    assert not save.exists()
 
 
 def test_real_data_scores_near_floor_and_degraded_copies_worse(data_dir):

@@ -18,7 +18,7 @@ import eval as eval_script
 from checkpoint import PRETRAINED
 from cli import ArgumentParser, UserError, guarded
 from fileio import write_json, write_text
-from tools.tables import choose, load_rows, machine, machines
+from tools.tables import choose, load_rows, machine, machines, percent
 
 METRICS = ("fid_inception", "fid_mnist", "is_mnist_mean", "precision", "recall", "class_accuracy", "faint_pixels")
 
@@ -45,10 +45,6 @@ def score(name: str, source: str, args, sampler_flags=()) -> dict:
 
 def fmt(value, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
-
-
-def percent(value) -> str:
-    return "" if value is None else f"{100 * value:.1f}%"
 
 
 def table_lines(rows: list) -> list:

@@ -7,6 +7,11 @@ import platform
 from cli import UserError
 
 
+def percent(value) -> str:
+    """A share as a table cell: 0.0346 -> 3.5%; blank when not recorded."""
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
 def choose(only: str | None, known, what: str) -> list:
     """The names an --only flag picks from `known`: all when not given, none for "none"."""
     names = [] if only == "none" else only.split(",") if only else list(known)
