@@ -18,7 +18,7 @@ import eval as eval_script
 from checkpoint import PRETRAINED
 from cli import ArgumentParser, UserError, guarded
 from fileio import write_json, write_text
-from tools.tables import choose, load_rows, machine, machines, percent
+from tools.tables import choose, fmt, load_rows, machine, machines, percent
 
 METRICS = ("fid_inception", "fid_mnist", "is_mnist_mean", "precision", "recall", "class_accuracy", "faint_pixels")
 
@@ -41,10 +41,6 @@ def score(name: str, source: str, args, sampler_flags=()) -> dict:
                 sampling_seconds=report["seconds"]["generation"], step=s["step"],
                 **{k: report.get(k) for k in METRICS}, floor={k: (report["floor"] or {}).get(k) for k in METRICS},
                 inception=not args.no_inception, date=time.strftime("%Y-%m-%d"), machine=machine())
-
-
-def fmt(value, digits: int) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
 
 
 def table_lines(rows: list) -> list:

@@ -1,5 +1,5 @@
-"""Samplers against network calls, and guidance against the headline metric: docs/samplers.md (rows in
-docs/samplers.json), each row one eval.py run on a shipped model (or --model) at N images, beside the real
+"""Samplers against network calls, and guidance against the headline metric: docs/sampler_table.md (rows in
+docs/sampler_table.json), each row one eval.py run on a shipped model (or --model) at N images, beside the real
 test split. Rows whose sampler the model lacks (heun and dpm_solver_3m on ddpm models) are skipped.
 
     python -m tools.samplers                                    # every group, 1,000 samples each
@@ -65,7 +65,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no_inception", action="store_true", help="MNIST-domain metrics only (fast on the CPU)")
     p.add_argument("--data_dir", default="./data")
     p.add_argument("--out", default=os.path.join("outputs", "samplers"), help="where eval.py's reports go")
-    p.add_argument("--table", default=os.path.join("docs", "samplers.md"), help="the Markdown table (+ .json)")
+    p.add_argument("--table", default=os.path.join("docs", "sampler_table.md"), help="the Markdown table (+ .json)")
     return p
 
 

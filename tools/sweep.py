@@ -23,7 +23,7 @@ from typing import NamedTuple
 from cli import ArgumentParser, fail, float_list, guarded
 from config import PRESETS, flag_value
 from fileio import write_json, write_text
-from tools.tables import choose, load_rows, machine, machines, percent
+from tools.tables import choose, fmt, load_rows, machine, machines, percent
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What every candidate changes in the preset: one evaluation, at the end, which the budget does not count.
@@ -122,10 +122,6 @@ def run_candidate(name: str, minutes: float, seed: int, args) -> dict:
                 num_samples=args.num_samples, sampler=metrics["settings"]["sampler"],
                 network_calls=metrics["settings"]["network_calls"], sampling_seconds=metrics["seconds"]["generation"],
                 date=time.strftime("%Y-%m-%d"), machine=machine())
-
-
-def fmt(v, digits=3):
-    return "" if v is None else f"{v:.{digits}f}"
 
 
 def write_table(rows: list, path: str, where: str) -> None:

@@ -7,6 +7,11 @@ import platform
 from cli import UserError
 
 
+def fmt(value, digits: int = 3) -> str:
+    """A number as a table cell with `digits` decimals; blank when not recorded."""
+    return "" if value is None else f"{value:.{digits}f}"
+
+
 def percent(value) -> str:
     """A share as a table cell: 0.0346 -> 3.5%; blank when not recorded."""
     return "" if value is None else f"{100 * value:.1f}%"
