@@ -141,3 +141,20 @@ def plot_class_histogram(counts: Sequence[int], path: str, title: str = "Predict
     ax.set(xticks=np.arange(len(counts)), xlabel="digit", ylabel="fraction", title=title)
     ax.legend()
     save_figure(fig, path)
+
+
+def plot_guidance_curves(curves: dict, floor_fid: float, accuracy_goal: float, n: int, path: str) -> None:
+    """fid_inception and class accuracy against the guidance scale; curves: {label: [(w, fid, accuracy), ...]}."""
+    fig, (fid_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, points in curves.items():
+        w, fid, accuracy = zip(*points)
+        fid_ax.plot(w, fid, "o-", label=label)
+        acc_ax.plot(w, accuracy, "o-", label=label)
+    fid_ax.axhline(floor_fid, color="k", ls=":", lw=1, label="real MNIST test")
+    acc_ax.axhline(accuracy_goal, color="k", ls="--", lw=1, label=f"{accuracy_goal}")
+    fid_ax.set(xlabel="guidance scale w", ylabel="fid_inception (lower is better)", title=f"N = {n:,}")
+    acc_ax.set(xlabel="guidance scale w", ylabel="class accuracy", title="Samples of the asked-for class")
+    for ax in (fid_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -70,3 +70,25 @@ def test_sampler_table_skips_the_samplers_a_model_lacks(tmp_path, train_flags, d
     again = json.loads((tmp_path / "samplers.json").read_text())["rows"]
     assert sorted(r["model"] for r in again) == sorted(expected) and {r["source"] for r in again} == {model}
     assert {samplers.row_method(flags) for _, flags in samplers.GROUPS["guidance"][2]} == {"dpm_solver"}
+
+
+def test_the_guidance_table_names_the_best_scale_that_keeps_the_class(tmp_path):
+    """Of the guidance rows, the lowest fid_inception at class accuracy >= 0.99 is named and plotted; a row
+    with a lower fid_inception but fewer digits of the asked-for class is not chosen."""
+    floor = {k: 1.0 for k in samplers.METRICS}
+
+    def row(label, w, fid, accuracy):
+        return dict({k: 0.5 for k in samplers.METRICS}, model=label, group="guidance", source="pretrained:conditional",
+                    num_samples=100, guidance_scale=w, sampler=f"dpm_solver, w {w}", network_evaluations=40,
+                    sampling_seconds=1.0, date="2026-12-04", inception=True, floor=floor, fid_inception=fid,
+                    class_accuracy=accuracy)
+    rows = [row("w 0", 0, 5.0, 0.97), row("w 0.3", 0.3, 6.0, 0.992), row("w 1", 1, 9.0, 0.999),
+            row("w 1, sigma in (0.3, 5]", 1, 5.5, 0.995)]
+    assert samplers.best_guidance(rows)["model"] == "w 1, sigma in (0.3, 5]"
+    assert samplers.guidance_curves(rows) == {"every noise level": [(0, 5.0, 0.97), (0.3, 6.0, 0.992), (1, 9.0, 0.999)],
+                                              "sigma in (0.3, 5]": [(1, 5.5, 0.995)]}
+    table = tmp_path / "t.md"
+    samplers.write_table(rows, str(table), "a test")
+    assert "at class accuracy >= 0.99: w 1, sigma in (0.3, 5] (5.50, class accuracy 0.9950)" in table.read_text()
+    assert (tmp_path / "t_guidance.png").read_bytes()[:4] == b"\x89PNG"
+    assert samplers.best_guidance([row("w 0", 0, 5.0, 0.97)]) is None

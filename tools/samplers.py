@@ -16,7 +16,10 @@ from cli import ArgumentParser, guarded
 from fileio import write_json, write_text
 from sampling import add_sampling_args
 from tools.results import METRICS, pretrained_kind, score, table_lines
-from tools.tables import choose, load_rows, machines
+from tools.tables import choose, fmt, load_rows, machines
+from utils import plot_guidance_curves
+
+CLASS_ACCURACY_GOAL = 0.99  # the guidance default must keep the digits of the asked-for class
 
 # group: (the shipped model it samples, what it shows, [(row, eval.py flags), ...])
 GROUPS = {
@@ -83,6 +86,28 @@ def row_method(flags: list) -> str:
     return parser.parse_known_args(flags)[0].method
 
 
+def guidance_interval(label: str) -> str | None:
+    """The --guidance_interval of a guidance row (None: guided at every noise level)."""
+    flags = dict(GROUPS["guidance"][2]).get(label, [])
+    return flags[flags.index("--guidance_interval") + 1] if "--guidance_interval" in flags else None
+
+
+def best_guidance(rows: list) -> dict | None:
+    """Of guidance rows, the one with the lowest fid_inception at class accuracy >= CLASS_ACCURACY_GOAL."""
+    fit = [r for r in rows if r["fid_inception"] is not None and (r["class_accuracy"] or 0) >= CLASS_ACCURACY_GOAL]
+    return min(fit, key=lambda r: r["fid_inception"], default=None)
+
+
+def guidance_curves(rows: list) -> dict:
+    """{interval label: [(w, fid_inception, class accuracy), ...] by w} of guidance rows scored with Inception."""
+    curves = {}
+    for r in sorted((r for r in rows if r["fid_inception"] is not None), key=lambda r: r["guidance_scale"]):
+        interval = guidance_interval(r["model"])
+        label = "every noise level" if interval is None else f"sigma in ({interval.replace(',', ', ')}]"
+        curves.setdefault(label, []).append((r["guidance_scale"], r["fid_inception"], r["class_accuracy"]))
+    return curves
+
+
 def write_table(rows: list, path: str, where: str) -> None:
     n = rows[0]["num_samples"]
     lines = ["# Samplers and guidance", "",
@@ -94,6 +119,14 @@ def write_table(rows: list, path: str, where: str) -> None:
         chosen = [r for r in rows if r["group"] == group]
         if chosen:
             lines += [f"## {group}: {what}", "", f"Model: `{chosen[0]['source']}`.", ""] + table_lines(chosen) + [""]
+        best = best_guidance(chosen) if group == "guidance" else None
+        if best:
+            plot = os.path.splitext(path)[0] + "_guidance.png"
+            plot_guidance_curves(guidance_curves(chosen), best["floor"]["fid_inception"], CLASS_ACCURACY_GOAL,
+                                 best["num_samples"], plot)
+            lines += [f"The lowest fid_inception at class accuracy >= {CLASS_ACCURACY_GOAL}: {best['model']} "
+                      f"({fmt(best['fid_inception'], 2)}, class accuracy {fmt(best['class_accuracy'], 4)}).", "",
+                      f"![fid_inception and class accuracy against w]({os.path.basename(plot)})", ""]
     write_text(path, "\n".join(lines))
 
 
