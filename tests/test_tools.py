@@ -69,6 +69,16 @@ def test_sampler_table_skips_the_samplers_a_model_lacks(tmp_path, train_flags, d
                    data_dir, "--out", str(tmp_path / "out"), "--table", str(tmp_path / "samplers.md")])
     again = json.loads((tmp_path / "samplers.json").read_text())["rows"]
     assert sorted(r["model"] for r in again) == sorted(expected) and {r["source"] for r in again} == {model}
+
+    def missing_run(rows):  # --missing scores only the rows the JSON lacks
+        (tmp_path / "samplers.json").write_text(json.dumps(dict(rows=rows)))
+        samplers.main(["--only", "samplers", "--model", model, "--missing", "--num_samples", "10", "--no_inception",
+                       "--data_dir", data_dir, "--out", str(tmp_path / "out"), "--table", str(tmp_path / "samplers.md")])
+        return {r["model"]: r for r in json.loads((tmp_path / "samplers.json").read_text())["rows"]}
+    marked = [dict(r, fid_mnist=-1.0) if r["model"] == last_row[0] else r for r in again]
+    assert missing_run(marked)[last_row[0]]["fid_mnist"] == -1.0
+    rescored = missing_run([r for r in again if r["model"] != last_row[0]])[last_row[0]]["fid_mnist"]
+    assert rescored == next(r["fid_mnist"] for r in again if r["model"] == last_row[0])  # the same seed, again
     assert {samplers.row_method(flags) for _, flags in samplers.GROUPS["guidance"][2]} == {"dpm_solver"}
 
 

@@ -51,6 +51,7 @@ GROUPS = {
         ("w 0.3", ["--guidance_scale", "0.3"]),
         ("w 0.5", ["--guidance_scale", "0.5"]),
         ("w 1", ["--guidance_scale", "1"]),
+        ("w 0.3, sigma in (0.3, 5]", ["--guidance_scale", "0.3", "--guidance_interval", "0.3,5"]),
         ("w 0.5, sigma in (0.3, 5]", ["--guidance_scale", "0.5", "--guidance_interval", "0.3,5"]),
         ("w 1, sigma in (0.3, 5]", ["--guidance_scale", "1", "--guidance_interval", "0.3,5"]),
         ("w 1, sigma in (1, 80]", ["--guidance_scale", "1", "--guidance_interval", "1,80"]),
@@ -63,6 +64,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--only", default=None, help="comma-separated groups to score (default: all; none: only rewrite "
                                                 "the table): " + ", ".join(GROUPS))
+    p.add_argument("--missing", action="store_true", help="score only the rows the table lacks (new rows, or the rest "
+                                                          "of an interrupted run)")
     p.add_argument("--model", default=None, metavar="PATH", help="a checkpoint in place of each group's shipped model")
     p.add_argument("--num_samples", type=int, default=1000)
     p.add_argument("--no_inception", action="store_true", help="MNIST-domain metrics only (fast on the CPU)")
@@ -142,6 +145,8 @@ def main(argv=None):
         # A group's table names one model: rows of another, which this model may not re-score, go.
         rows = [r for r in rows if r["group"] != group or r["source"] == source]
         for i, (label, flags) in enumerate(specs):
+            if args.missing and any((r["group"], r["model"]) == (group, label) for r in rows):
+                continue
             if row_method(flags) not in methods:
                 print(f"{group}, {label}: skipped, not a sampler of {source}", flush=True)
                 continue
