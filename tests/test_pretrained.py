@@ -14,7 +14,17 @@ from data import to_uint8
 from fileio import read_checksums, sha256_file
 from metrics import classifier_outputs, load_classifier
 from sampling import SamplerSettings, generate, load_model, sampler_settings
-from tools import results
+from tools import results, samplers
+from tools.tables import load_rows
+
+SAMPLER_TABLE = os.path.join(os.path.dirname(checkpoint.ASSETS_DIR), "docs", "sampler_table.md")
+
+
+def measured_best_guidance() -> tuple:
+    """(scale, interval) of the guidance row docs/sampler_table.md names the best: the shipped default."""
+    best = samplers.best_guidance([r for r in load_rows(SAMPLER_TABLE)[1] if r["group"] == "guidance"])
+    interval = samplers.guidance_interval(best["model"])
+    return best["guidance_scale"], None if interval is None else tuple(float(v) for v in interval.split(","))
 
 
 @pytest.mark.unit
@@ -116,7 +126,7 @@ def test_a_sampling_copy_carries_its_own_guidance(tmp_path, train_flags, capsys)
         return load_model(args, ["dpm_solver"]).samplers["dpm_solver"].guidance_scale
     assert guidance(last) == 2.0 and guidance(copy) == 0.25 and guidance(copy, "--guidance_scale", "0") == 0.0
     assert load_checkpoint(str(copy))["config"] == load_checkpoint(str(last))["config"]  # the run's record as it was
-    assert checkpoint.default_guidance(load_checkpoint(pretrained_path("conditional"))) == (0.5, None)  # samplers.md
+    assert checkpoint.default_guidance(load_checkpoint(pretrained_path("conditional"))) == measured_best_guidance()
     for source, w, message in ((pretrained_path("unconditional"), "1", "for conditional models"),
                                (last, "-1", "must not be negative")):
         exits_2(capsys, lambda: checkpoint.main([str(source), str(tmp_path / "refused.pt"), "--guidance_scale", w]),
