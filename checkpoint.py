@@ -16,11 +16,15 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
     guidance_interval      optional: likewise for --guidance_interval
     ema_dtype              optional: "bfloat16" when a sampling copy stores its EMA weights so (half the
                            size); they load back into the fp32 network
+    guide                  optional, sampling copies: {model_config, ema, step}, a weaker network of the same
+                           kind that guidance_scale steers away from (autoguidance) in place of the null class;
+                           an unconditional model samples with it by default
 
 A sampling copy (`python checkpoint.py last.pth model.pt`) keeps the same format without `model` and
 `train_state`: a quarter of the size, enough for inference.py and eval.py, not for --resume. The two
 trained models in assets/ are such copies; assets/SHA256SUMS holds their checksums.
 """
+import dataclasses
 import json
 import os
 import pickle
@@ -29,7 +33,7 @@ import torch
 
 from cli import ArgumentParser, UserError, float_list, guarded
 from conditional_ddpm import ConditionalUNet, check_guidance_interval, check_guidance_scale
-from ddpm_model import GaussianDiffusion, UNet
+from ddpm_model import GaussianDiffusion, LossConfig, NoiseLevelConfig, UNet
 from edm import KarrasDiffusion
 from fileio import atomic_write, read_checksums, sha256_file
 
@@ -38,6 +42,9 @@ REQUIRED_KEYS = ("model_config", "diffusion_config", "conditional", "ema", "step
 TRAINING_KEYS = ("model", "train_state")  # absent from a sampling copy
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 PRETRAINED = {"unconditional": "ddpm_mnist_unconditional.pt", "conditional": "ddpm_mnist_conditional.pt"}
+# What a network's output means is set by its diffusion_config less these, which only shape its training.
+TRAINING_ONLY = {f.name for f in dataclasses.fields(NoiseLevelConfig) + dataclasses.fields(LossConfig)} | {
+    "timestep_sampling", "min_snr_gamma"}
 
 
 class CheckpointError(UserError):
@@ -88,16 +95,22 @@ def load_checkpoint(path: str, conditional: bool | None = None, map_location="cp
     return ckpt
 
 
-def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_interval=None, bf16: bool = False) -> dict:
+def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_interval=None, bf16: bool = False,
+                  guide: dict | None = None) -> dict:
     """The checkpoint without what only training needs: the raw weights and the optimizer state;
     `guidance_scale` and `guidance_interval`, if given, become the copy's default guidance (the run's
-    record stays as it was); `bf16` stores the EMA's floating-point weights in bfloat16."""
+    record stays as it was); `bf16` stores the EMA's floating-point weights in bfloat16; `guide`, a
+    checkpoint check_guide accepts, goes in as the network autoguidance steers away from."""
     copy = {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
+    if guide is not None:
+        copy["guide"] = dict(model_config=dict(guide["model_config"]), ema=guide["ema"], step=int(guide["step"]))
     if bf16:
-        copy["ema"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+        for holder in (copy, copy.get("guide", {})):
+            if "ema" in holder:
+                holder["ema"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in holder["ema"].items()}
         copy["ema_dtype"] = "bfloat16"
-    if (guidance_scale, guidance_interval) != (None, None) and not ckpt["conditional"]:
-        raise UserError("--guidance_scale and --guidance_interval are for conditional models")
+    if (guidance_scale, guidance_interval) != (None, None) and not (ckpt["conditional"] or "guide" in copy):
+        raise UserError("--guidance_scale and --guidance_interval are for conditional models, or a --guide_model")
     try:
         if guidance_scale is not None:
             copy["guidance_scale"] = float(check_guidance_scale(guidance_scale))
@@ -108,12 +121,39 @@ def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_inte
     return copy
 
 
+def check_guide(ckpt: dict, guide: dict, source: str) -> None:
+    """CheckpointError unless the checkpoint `guide` (from `source`) can guide ckpt's model: autoguidance mixes
+    the two networks' outputs, so both must be of the same kind and process and see the same images."""
+    shape = ("in_channels", "out_channels", "image_size", "num_classes")
+    process = [{k: v for k, v in c["diffusion_config"].items() if k not in TRAINING_ONLY} for c in (ckpt, guide)]
+    if (guide["conditional"] != ckpt["conditional"] or process[0] != process[1]
+            or any(guide["model_config"].get(k) != ckpt["model_config"].get(k) for k in shape)):
+        raise CheckpointError(f"{source} cannot guide this model: autoguidance needs a model of the same kind "
+                              "(conditional or not), formulation, noise process and image shape")
+
+
+def guide_from_checkpoint(ckpt: dict, path: str | None = None) -> torch.nn.Module | None:
+    """The autoguidance network: the EMA weights of the checkpoint at `path`, else the guide `ckpt` holds;
+    None when there is neither. On the CPU, in eval mode."""
+    if path is not None:
+        guide = load_checkpoint(path)
+        check_guide(ckpt, guide, path)
+    elif "guide" in ckpt:
+        guide = ckpt["guide"]
+    else:
+        return None
+    model = build_model(guide["model_config"], ckpt["conditional"])
+    model.load_state_dict(guide["ema"])
+    return model.eval()
+
+
 def default_guidance(ckpt: dict) -> tuple:
     """(scale, interval) a checkpoint samples with unless told otherwise: its own, else its run's; (0, None)
-    for an unconditional model. The interval is None (guide at every noise level) before there was one."""
-    if not ckpt["conditional"]:
+    for an unconditional model without a guide. The interval is None (guide at every noise level) before
+    there was one."""
+    if not (ckpt["conditional"] or "guide" in ckpt):
         return 0.0, None
-    run = ckpt["config"].get("args", {})
+    run = ckpt["config"].get("args", {}) if ckpt["conditional"] else {}
     interval = ckpt.get("guidance_interval", run.get("guidance_interval"))
     return ckpt.get("guidance_scale", run.get("guidance_scale", 0.0)), None if interval is None else tuple(interval)
 
@@ -164,15 +204,24 @@ def main(argv=None):
     p.add_argument("checkpoint", help="a last.pth or best_model.pth")
     p.add_argument("output", help="the file to write (refused if it exists)")
     p.add_argument("--guidance_scale", type=float, default=None,
-                   help="the guidance the copy samples with by default (conditional models; default: the run's)")
+                   help="the guidance the copy samples with by default (conditional models, or with "
+                        "--guide_model; default: the run's)")
     p.add_argument("--guidance_interval", type=float_list, default=None, metavar="LO,HI",
                    help="the noise levels it guides at by default (default: the run's)")
+    p.add_argument("--guide_model", default=None, metavar="PATH",
+                   help="a weaker checkpoint of the same kind (fewer steps, or a smaller network) for the copy to hold: "
+                        "its guidance then steers away from that network (autoguidance) instead of the null class")
     p.add_argument("--bf16", action="store_true", help="store the EMA weights in bfloat16: half the size; they load "
                                                        "back into the fp32 network")
     args = p.parse_args(argv)
     if os.path.exists(args.output):
         raise UserError(f"{args.output} exists; remove it or choose another name")
-    copy = sampling_copy(load_checkpoint(args.checkpoint), args.guidance_scale, args.guidance_interval, args.bf16)
+    ckpt = load_checkpoint(args.checkpoint)
+    guide = None
+    if args.guide_model:
+        guide = load_checkpoint(args.guide_model)
+        check_guide(ckpt, guide, args.guide_model)
+    copy = sampling_copy(ckpt, args.guidance_scale, args.guidance_interval, args.bf16, guide)
     atomic_write(args.output, lambda tmp: torch.save(copy, tmp))
     print(f"{args.output}: {os.path.getsize(args.output) / 1e6:.2f} MB, sha256 {sha256_file(args.output)}")
 

@@ -3,7 +3,8 @@
 The conditional network is the U-Net plus a learnable class embedding added to the time embedding,
 so every residual block sees the class. Label `num_classes` is the "null" class: training swaps it
 in with probability p_uncond, and guided sampling contrasts the two predictions. Sampling goes
-through GaussianDiffusion.sample like the unconditional model, with `GuidedModel` as the model.
+through GaussianDiffusion.sample like the unconditional model, with `GuidedModel` as the model;
+GuidedModel also serves autoguidance, of either kind of model, by a weaker network.
 """
 
 import torch
@@ -56,23 +57,35 @@ def check_guidance_interval(interval) -> tuple | None:
 
 
 class GuidedModel:
-    """A model callable for the samplers: out = (1 + w) * f(x, t, y) - w * f(x, t, null).
+    """A model callable for the samplers: out = (1 + w) * f(x, t, y) - w * g(x, t, y), guidance away from a
+    worse prediction g.
+
+    Classifier-free guidance: g is the same network at the null class. Autoguidance (Karras et al. 2024): g is
+    `weak_model`, a weaker network of the same kind (trained less, or smaller), at the same inputs; it works
+    for unconditional models too (y None), and in place of the null class for conditional ones.
 
     Any prediction target works (eps, x0 or v, or a preconditioned network's output): each is affine in
     eps given x_t, so mixing the outputs is the same as mixing the eps predictions. w = 0 is plain
-    conditional sampling and costs one network call; w > 0 runs both branches in one batch.
+    sampling and costs one network call; w > 0 runs both (classifier-free: in one batch).
 
     `guide(t)`, when given, says whether to guide a batch at the network's time input t: guidance limited
     to an interval of noise levels (Kynkaanniemi et al. 2024), which costs one call outside it.
     """
 
-    def __init__(self, model: nn.Module, guidance_scale: float, null_class: int, guide=None):
+    def __init__(self, model: nn.Module, guidance_scale: float, null_class: int | None = None, guide=None,
+                 weak_model: nn.Module | None = None):
+        if weak_model is None and null_class is None:
+            raise ValueError("guidance needs a null class (classifier-free) or a weak model (autoguidance)")
         self.model, self.w, self.null_class = model, check_guidance_scale(guidance_scale), null_class
-        self.guide = guide
+        self.guide, self.weak_model = guide, weak_model
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        labels = {} if y is None else {"y": y}
         if self.w == 0 or (self.guide is not None and not self.guide(t[:1])):  # a batch shares its noise level
-            return self.model(x, t, y)
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_class)]))
-        cond, uncond = out.chunk(2)
-        return (1 + self.w) * cond - self.w * uncond
+            return self.model(x, t, **labels)
+        if self.weak_model is not None:
+            strong, weak = self.model(x, t, **labels), self.weak_model(x, t, **labels)
+        else:
+            out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_class)]))
+            strong, weak = out.chunk(2)
+        return (1 + self.w) * strong - self.w * weak

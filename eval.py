@@ -181,14 +181,17 @@ def main(argv=None):
         settings.update(source=loaded.model_path, **dataclasses.asdict(sampler), sampler=sampler.describe(),
                         formulation=loaded.formulation, seed=args.seed,
                         batch_size=loaded.batch_size, ema=not args.no_ema, step=loaded.ckpt["step"], amp=args.amp)
-        if not loaded.conditional:
+        if not (loaded.conditional or loaded.guide_model):
             settings["guidance_scale"] = None
+        if loaded.guide_model:
+            settings["guide_model"] = args.guide_model or f"the guide held by {loaded.model_path}"
         start = time.perf_counter()
         labels = default_labels(loaded.model, args.num_samples)
         stats = {}
         x = generate(loaded.model, loaded.diffusion, args.num_samples, sampler, labels=labels,
                      batch_size=loaded.batch_size, seed=args.seed, device=device, progress=True, amp=args.amp,
-                     compile_mode=args.compile, channels_last=args.channels_last, stats=stats)
+                     compile_mode=args.compile, channels_last=args.channels_last, stats=stats,
+                     guide_model=loaded.guide_model)
         settings["network_calls"] = stats["network_calls"]
         images = to_uint8(x)
         generation_seconds = time.perf_counter() - start

@@ -124,7 +124,7 @@ def main(argv=None):
     def sample(sampler, count=n, noise=None, y=labels, **extra):
         return generate(model, diffusion, count, sampler, labels=y, batch_size=loaded.batch_size, seed=args.seed,
                         device=loaded.device, progress=True, noise=noise, amp=args.amp, compile_mode=args.compile,
-                        channels_last=args.channels_last, **extra)
+                        channels_last=args.channels_last, guide_model=loaded.guide_model, **extra)
 
     written = []
     for i, method in enumerate(methods):

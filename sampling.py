@@ -9,7 +9,14 @@ import torch
 from tqdm.auto import tqdm
 
 import edm
-from checkpoint import PRETRAINED, default_guidance, load_checkpoint, model_from_checkpoint, pretrained_path
+from checkpoint import (
+    PRETRAINED,
+    default_guidance,
+    guide_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    pretrained_path,
+)
 from cli import UserError, add_speed_args, float_list
 from conditional_ddpm import ConditionalUNet, GuidedModel, check_guidance_interval, check_guidance_scale
 from ddpm_model import METHODS, GaussianDiffusion, make_generator, resolve_eta
@@ -21,24 +28,26 @@ ALL_METHODS = tuple(dict.fromkeys(METHODS + edm.METHODS))
 @dataclass(frozen=True)
 class SamplerSettings:
     """How to sample, complete: the method, its steps (all T for ddpm; noise levels for heun, network calls
-    for the others), its injected noise eta (0: deterministic), the classifier-free guidance scale and the
-    noise levels (lo, hi] it guides at (None: all)."""
+    for the others), its injected noise eta (0: deterministic), the guidance scale and the noise levels
+    (lo, hi] it guides at (None: all), and `autoguided`: whether guidance steers away from a weaker network
+    (autoguidance) instead of the null class (classifier-free)."""
     method: str
     steps: int
     eta: float
     guidance_scale: float = 0.0
     guidance_interval: tuple | None = None
+    autoguided: bool = False
 
     def describe(self) -> str:
         noise = "" if self.method == "ddpm" else f", eta {self.eta:g}"
-        guidance = f", w {self.guidance_scale:g}" if self.guidance_scale else ""
+        guidance = f", {'autoguidance ' if self.autoguided else ''}w {self.guidance_scale:g}" if self.guidance_scale else ""
         if self.guidance_scale and self.guidance_interval:
             guidance += f" at sigma ({self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]"
         return f"{self.method}, {self.steps} steps{noise}{guidance}"
 
 
 def sampler_settings(diffusion, method: str, steps: int | None = None, eta: float | None = None,
-                     guidance_scale: float = 0.0, guidance_interval=None) -> SamplerSettings:
+                     guidance_scale: float = 0.0, guidance_interval=None, autoguided: bool = False) -> SamplerSettings:
     """Checked settings for `diffusion`, defaults from its SAMPLERS table; UserError naming the bad flag."""
     if method not in diffusion.SAMPLERS:
         raise UserError(f"--method {method} is not a sampler of this model; it takes {', '.join(diffusion.SAMPLERS)}")
@@ -52,7 +61,7 @@ def sampler_settings(diffusion, method: str, steps: int | None = None, eta: floa
         guidance_interval = check_guidance_interval(guidance_interval)
     except ValueError as e:
         raise UserError(str(e)) from None
-    return SamplerSettings(method, steps, eta, guidance_scale, guidance_interval)
+    return SamplerSettings(method, steps, eta, guidance_scale, guidance_interval, autoguided)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, methods=ALL_METHODS, batch_size: int | None = None) -> None:
@@ -71,10 +80,14 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=ALL_METHODS, batch_siz
                    help="injected noise: 0 deterministic (the ODE), 1 the SDE (heun: EDM's S_churn); None: the "
                         "method's (1 for dpm_solver, 0 for the others)")
     p.add_argument("--guidance_scale", type=float, default=None,
-                   help="classifier-free guidance w (conditional models); default: the checkpoint's (a "
-                        "sampling copy's own, else its training run's)")
+                   help="guidance w: classifier-free (conditional models), or away from --guide_model; default: "
+                        "the checkpoint's (a sampling copy's own, else its training run's)")
     p.add_argument("--guidance_interval", type=float_list, default=None, metavar="LO,HI",
                    help="guide only at noise levels sigma in (LO, HI]; default: the checkpoint's (none: all)")
+    p.add_argument("--guide_model", default=None, metavar="PATH",
+                   help="autoguidance (Karras et al. 2024): a weaker checkpoint of the same kind (fewer steps, or a "
+                        "smaller network) that --guidance_scale steers away from, in place of the null class; "
+                        "default: the guide the checkpoint holds, if any")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=batch_size, help="images per sampling batch" + (
         "" if batch_size else "; None: 256 on CUDA, 64 elsewhere (faster than larger batches on CPUs)"))
@@ -86,7 +99,8 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=ALL_METHODS, batch_siz
 @dataclass
 class Loaded:
     """What inference.py and eval.py sample with, every flag checked: the model, its checkpoint, where
-    it came from and where outputs go by default, the device and batch size, and the settings of each method."""
+    it came from and where outputs go by default, the device and batch size, the settings of each method, and
+    the weaker network autoguidance steers away from (None: none)."""
     ckpt: dict
     model: torch.nn.Module
     diffusion: GaussianDiffusion
@@ -95,6 +109,7 @@ class Loaded:
     device: torch.device
     batch_size: int
     samplers: dict  # method: SamplerSettings
+    guide_model: torch.nn.Module | None = None
 
     @property
     def conditional(self) -> bool:
@@ -117,9 +132,13 @@ def load_model(args, methods, want_conditional: bool = False) -> Loaded:
         path, output_root = pretrained_path(kind), os.path.join("outputs", f"pretrained_{kind}")
     ckpt = load_checkpoint(path)
     model, diffusion = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
+    guide_model = guide_from_checkpoint(ckpt, args.guide_model)
     scale, interval = default_guidance(ckpt)
     guidance = dict(guidance_scale=scale if args.guidance_scale is None else args.guidance_scale,
-                    guidance_interval=interval if args.guidance_interval is None else args.guidance_interval)
+                    guidance_interval=interval if args.guidance_interval is None else args.guidance_interval,
+                    autoguided=guide_model is not None)
+    if guidance["guidance_scale"] and not (ckpt["conditional"] or guide_model):
+        raise UserError("--guidance_scale needs a conditional model, or a --guide_model to steer away from")
     samplers = {}
     for method in methods:  # --steps is for the few-step samplers: the ddpm half of --method both / --comparison takes all T
         steps = args.steps if method != "ddpm" or args.method == "ddpm" else None
@@ -129,7 +148,7 @@ def load_model(args, methods, want_conditional: bool = False) -> Loaded:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     batch_size = args.batch_size if args.batch_size is not None else 256 if device.type == "cuda" else 64
     amp_dtype(device, args.amp)  # --amp fp16 off CUDA fails here, before any work
-    return Loaded(ckpt, model, diffusion, path, output_root, device, batch_size, samplers)
+    return Loaded(ckpt, model, diffusion, path, output_root, device, batch_size, samplers, guide_model)
 
 
 def is_conditional(model: torch.nn.Module) -> bool:
@@ -149,10 +168,11 @@ def digit_rows(num_classes: int, per_class: int) -> torch.Tensor:
 def generate(model, diffusion, num_samples: int, sampler: SamplerSettings, labels: torch.Tensor | None = None,
              batch_size: int = 256, seed=0, device="cpu", progress: bool = False, amp: str = "auto",
              compile_mode: str | None = None, channels_last: bool = False, noise: torch.Tensor | None = None,
-             return_intermediates: bool = False, stats: dict | None = None):
+             return_intermediates: bool = False, stats: dict | None = None, guide_model=None):
     """`num_samples` images in model range [-1, 1], shape [N, 1, H, W], on the CPU.
 
-    Conditional models sample `labels` (default_labels when None) with the sampler's guidance.
+    Conditional models sample `labels` (default_labels when None) with the sampler's guidance: away from
+    `guide_model` when given (autoguidance, which unconditional models take too), else classifier-free.
     The same seed and batch size give the same images, and every method starts from the same noise
     (or from `noise`, [N, C, H, W], when given). With return_intermediates, also returns the
     (t, x_t) trajectory of the first batch. `amp` is an --amp choice, `compile_mode` a torch.compile
@@ -160,22 +180,29 @@ def generate(model, diffusion, num_samples: int, sampler: SamplerSettings, label
     `stats`, if given, receives the network calls made per image (guidance and its interval included).
     """
     device = torch.device(device)
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     diffusion = diffusion.to(device)
     conditional = is_conditional(model)
-    compiled = torch.compile(model, mode=compile_mode) if compile_mode else model
     evaluated = [0]
 
-    def net(x, t, *args, **kwargs):
-        evaluated[0] += x.shape[0]
-        return compiled(x, t, *args, **kwargs)
+    def counted(network):
+        """The network on `device`, in its layout, compiled if asked, counting the images it is called on."""
+        network = network.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        compiled = torch.compile(network.eval(), mode=compile_mode) if compile_mode else network.eval()
+
+        def call(x, t, *args, **kwargs):
+            evaluated[0] += x.shape[0]
+            return compiled(x, t, *args, **kwargs)
+        return call
+    net = counted(model)
     if conditional:
         labels = default_labels(model, num_samples) if labels is None else labels
+    if sampler.guidance_scale and (conditional or guide_model is not None):
         guide = None
         if sampler.guidance_interval is not None:
             lo, hi = sampler.guidance_interval
             guide = lambda t: bool(lo < diffusion.sigma_at(t).item() <= hi)
-        model_fn = GuidedModel(net, sampler.guidance_scale, model.null_class, guide)
+        model_fn = GuidedModel(net, sampler.guidance_scale, getattr(model, "null_class", None), guide,
+                               None if guide_model is None else counted(guide_model))
     else:
         model_fn = net
     size = model.config["image_size"]

@@ -194,6 +194,20 @@ def test_guidance_pushes_each_class_apart_under_edm():
     assert x[y == 0].mean() < -0.6 - 0.05 and x[y == 1].mean() > 0.6 + 0.05
 
 
+def test_autoguidance_narrows_a_gaussian_by_its_closed_form():
+    """Data N(0, a^2), a weak model fitted to N(0, b^2): the guided denoiser is (1 + w) D_a - w D_b, linear
+    in x, so the probability-flow ODE from sigma_max = S scales its start by exp(-int (x - D) / (x sigma)):
+    std = S ((a^2 + S^2) / a^2)^(-(1 + w) / 2) ((b^2 + S^2) / b^2)^(w / 2), about a (a / b)^w."""
+    d = KarrasDiffusion("flow")
+    a, b, w = 0.3, 0.6, 1.0
+    guided = GuidedModel(SigmaGaussianOracle(0.0, a, "flow"), w, weak_model=SigmaGaussianOracle(0.0, b, "flow"))
+    x = d.sample(guided, SHAPE, "heun", steps=64, generator=0, clip_denoised=False).double()
+    big = d.sigma_max
+    std = big * ((a ** 2 + big ** 2) / a ** 2) ** (-(1 + w) / 2) * ((b ** 2 + big ** 2) / b ** 2) ** (w / 2)
+    assert abs(std - a * (a / b) ** w) < 1e-3  # half the data's spread
+    assert abs(x.std().item() / std - 1) < 0.02 and abs(x.mean().item()) < 0.01
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_last_step_returns_the_clipped_denoised_estimate(method):
     d = KarrasDiffusion("edm")

@@ -101,6 +101,30 @@ def test_guidance_interval_guides_only_inside_it():
     assert calls == [6, 3]
 
 
+
+def test_autoguidance_steers_away_from_the_weak_model_at_the_same_inputs():
+    """Unconditional: out = (1 + w) f - w g, each network called once on the batch as it is, and only
+    inside the interval; conditional: the weak model sees the same labels, not the null class."""
+    calls = []
+
+    def network(value):
+        def f(x, t, y=None):
+            calls.append((value, len(x), None if y is None else y.tolist()))
+            return x * 0 + value + (0 if y is None else y.view(-1, 1, 1, 1).float())
+        return f
+    x = torch.zeros(3, 1, 2, 2)
+    guided = GuidedModel(network(1.0), 2.0, guide=lambda t: bool(t.item() >= 500), weak_model=network(4.0))
+    inside, outside = guided(x, torch.full((3,), 700)), guided(x, torch.full((3,), 100))
+    torch.testing.assert_close(inside, torch.full_like(x, 3.0 * 1 - 2.0 * 4))
+    torch.testing.assert_close(outside, torch.ones_like(x))
+    assert calls == [(1.0, 3, None), (4.0, 3, None), (1.0, 3, None)]
+    y = torch.tensor([1, 2, 3])
+    out = GuidedModel(network(1.0), 2.0, null_class=10, weak_model=network(4.0))(x, torch.zeros(3), y)
+    torch.testing.assert_close(out[:, 0, 0, 0], 3.0 * (1 + y.float()) - 2.0 * (4 + y.float()))
+    assert calls[-1] == (4.0, 3, [1, 2, 3])
+    with pytest.raises(ValueError, match="null class"):
+        GuidedModel(network(1.0), 1.0)
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def make_checkpoint(path, conditional=False):

@@ -57,6 +57,13 @@ GROUPS = {
         ("w 1, sigma in (1, 80]", ["--guidance_scale", "1", "--guidance_interval", "1,80"]),
         ("w 2, sigma in (0.3, 5]", ["--guidance_scale", "2", "--guidance_interval", "0.3,5"]),
     ]),
+    "autoguidance": ("pretrained:unconditional", "the unconditional model guided away from the weaker network its "
+                     "file holds (autoguidance, Karras et al. 2024), with the default sampler", [
+        ("w 0", ["--guidance_scale", "0"]),
+        ("w 0.5", ["--guidance_scale", "0.5"]),
+        ("w 1", ["--guidance_scale", "1"]),
+        ("w 0.5, sigma in (0.3, 5]", ["--guidance_scale", "0.5", "--guidance_interval", "0.3,5"]),
+    ]),
 }
 
 
