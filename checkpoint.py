@@ -17,8 +17,8 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
     ema_dtype              optional: "bfloat16" when a sampling copy stores its EMA weights so (half the
                            size); they load back into the fp32 network
     guide                  optional, sampling copies: {model_config, ema, step}, a weaker network of the same
-                           kind that guidance_scale steers away from (autoguidance) in place of the null class;
-                           an unconditional model samples with it by default
+                           kind that guidance_scale steers away from (autoguidance) in place of the null class
+                           (an unconditional model's guidance_scale needs one)
 
 A sampling copy (`python checkpoint.py last.pth model.pt`) keeps the same format without `model` and
 `train_state`: a quarter of the size, enough for inference.py and eval.py, not for --resume. The two
@@ -44,7 +44,7 @@ ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 PRETRAINED = {"unconditional": "ddpm_mnist_unconditional.pt", "conditional": "ddpm_mnist_conditional.pt"}
 # What a network's output means is set by its diffusion_config less these, which only shape its training.
 TRAINING_ONLY = {f.name for f in dataclasses.fields(NoiseLevelConfig) + dataclasses.fields(LossConfig)} | {
-    "timestep_sampling", "min_snr_gamma"}
+    "timestep_sampling"}
 
 
 class CheckpointError(UserError):
@@ -99,15 +99,16 @@ def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_inte
                   guide: dict | None = None) -> dict:
     """The checkpoint without what only training needs: the raw weights and the optimizer state;
     `guidance_scale` and `guidance_interval`, if given, become the copy's default guidance (the run's
-    record stays as it was); `bf16` stores the EMA's floating-point weights in bfloat16; `guide`, a
-    checkpoint check_guide accepts, goes in as the network autoguidance steers away from."""
+    record stays as it was); `bf16` stores the EMA's floating-point weights in bfloat16 (the guide's too);
+    `guide`, a checkpoint from load_guide, goes in as the network autoguidance steers away from."""
     copy = {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
     if guide is not None:
         copy["guide"] = dict(model_config=dict(guide["model_config"]), ema=guide["ema"], step=int(guide["step"]))
     if bf16:
-        for holder in (copy, copy.get("guide", {})):
-            if "ema" in holder:
-                holder["ema"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in holder["ema"].items()}
+        to_bf16 = lambda state: {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+        copy["ema"] = to_bf16(copy["ema"])
+        if "guide" in copy:
+            copy["guide"] = dict(copy["guide"], ema=to_bf16(copy["guide"]["ema"]))
         copy["ema_dtype"] = "bfloat16"
     if (guidance_scale, guidance_interval) != (None, None) and not (ckpt["conditional"] or "guide" in copy):
         raise UserError("--guidance_scale and --guidance_interval are for conditional models, or a --guide_model")
@@ -121,26 +122,25 @@ def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_inte
     return copy
 
 
-def check_guide(ckpt: dict, guide: dict, source: str) -> None:
-    """CheckpointError unless the checkpoint `guide` (from `source`) can guide ckpt's model: autoguidance mixes
-    the two networks' outputs, so both must be of the same kind and process and see the same images."""
+def load_guide(ckpt: dict, path: str) -> dict:
+    """The checkpoint at `path`, checked as a guide for ckpt's model (CheckpointError if it cannot be one):
+    autoguidance mixes the two networks' outputs, so both must be of the same kind and process and see the
+    same images."""
+    guide = load_checkpoint(path)
     shape = ("in_channels", "out_channels", "image_size", "num_classes")
     process = [{k: v for k, v in c["diffusion_config"].items() if k not in TRAINING_ONLY} for c in (ckpt, guide)]
     if (guide["conditional"] != ckpt["conditional"] or process[0] != process[1]
             or any(guide["model_config"].get(k) != ckpt["model_config"].get(k) for k in shape)):
-        raise CheckpointError(f"{source} cannot guide this model: autoguidance needs a model of the same kind "
+        raise CheckpointError(f"{path} cannot guide this model: autoguidance needs a model of the same kind "
                               "(conditional or not), formulation, noise process and image shape")
+    return guide
 
 
 def guide_from_checkpoint(ckpt: dict, path: str | None = None) -> torch.nn.Module | None:
     """The autoguidance network: the EMA weights of the checkpoint at `path`, else the guide `ckpt` holds;
     None when there is neither. On the CPU, in eval mode."""
-    if path is not None:
-        guide = load_checkpoint(path)
-        check_guide(ckpt, guide, path)
-    elif "guide" in ckpt:
-        guide = ckpt["guide"]
-    else:
+    guide = load_guide(ckpt, path) if path is not None else ckpt.get("guide")
+    if guide is None:
         return None
     model = build_model(guide["model_config"], ckpt["conditional"])
     model.load_state_dict(guide["ema"])
@@ -217,10 +217,7 @@ def main(argv=None):
     if os.path.exists(args.output):
         raise UserError(f"{args.output} exists; remove it or choose another name")
     ckpt = load_checkpoint(args.checkpoint)
-    guide = None
-    if args.guide_model:
-        guide = load_checkpoint(args.guide_model)
-        check_guide(ckpt, guide, args.guide_model)
+    guide = load_guide(ckpt, args.guide_model) if args.guide_model else None
     copy = sampling_copy(ckpt, args.guidance_scale, args.guidance_interval, args.bf16, guide)
     atomic_write(args.output, lambda tmp: torch.save(copy, tmp))
     print(f"{args.output}: {os.path.getsize(args.output) / 1e6:.2f} MB, sha256 {sha256_file(args.output)}")

@@ -181,9 +181,9 @@ def main(argv=None):
         settings.update(source=loaded.model_path, **dataclasses.asdict(sampler), sampler=sampler.describe(),
                         formulation=loaded.formulation, seed=args.seed,
                         batch_size=loaded.batch_size, ema=not args.no_ema, step=loaded.ckpt["step"], amp=args.amp)
-        if not (loaded.conditional or loaded.guide_model):
+        if not loaded.conditional and loaded.guide_model is None:
             settings["guidance_scale"] = None
-        if loaded.guide_model:
+        if loaded.guide_model is not None:
             settings["guide_model"] = args.guide_model or f"the guide held by {loaded.model_path}"
         start = time.perf_counter()
         labels = default_labels(loaded.model, args.num_samples)

@@ -137,12 +137,12 @@ def load_model(args, methods, want_conditional: bool = False) -> Loaded:
     guidance = dict(guidance_scale=scale if args.guidance_scale is None else args.guidance_scale,
                     guidance_interval=interval if args.guidance_interval is None else args.guidance_interval,
                     autoguided=guide_model is not None)
-    if guidance["guidance_scale"] and not (ckpt["conditional"] or guide_model):
-        raise UserError("--guidance_scale needs a conditional model, or a --guide_model to steer away from")
     samplers = {}
     for method in methods:  # --steps is for the few-step samplers: the ddpm half of --method both / --comparison takes all T
         steps = args.steps if method != "ddpm" or args.method == "ddpm" else None
         samplers[method] = sampler_settings(diffusion, method, steps, args.eta, **guidance)
+    if guidance["guidance_scale"] and not ckpt["conditional"] and guide_model is None:  # after the value's own check
+        raise UserError("--guidance_scale needs a conditional model, or a --guide_model to steer away from")
     device = pick_device(args.device)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")

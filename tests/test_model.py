@@ -101,7 +101,6 @@ def test_guidance_interval_guides_only_inside_it():
     assert calls == [6, 3]
 
 
-
 def test_autoguidance_steers_away_from_the_weak_model_at_the_same_inputs():
     """Unconditional: out = (1 + w) f - w g, each network called once on the batch as it is, and only
     inside the interval; conditional: the weak model sees the same labels, not the null class."""
@@ -124,6 +123,7 @@ def test_autoguidance_steers_away_from_the_weak_model_at_the_same_inputs():
     assert calls[-1] == (4.0, 3, [1, 2, 3])
     with pytest.raises(ValueError, match="null class"):
         GuidedModel(network(1.0), 1.0)
+
 
 # ----------------------------------------------------------------------------- checkpoints
 

@@ -62,6 +62,7 @@ def test_shipped_unconditional_model_holds_a_smaller_guide_and_samples_unguided_
     assert sum(p.numel() for p in guide.parameters()) < sum(p.numel() for p in model.parameters()) / 2
     assert checkpoint.default_guidance(ckpt) == (0.0, None)
 
+
 @pytest.mark.unit
 def test_a_damaged_shipped_file_is_refused(tmp_path, monkeypatch):
     for name in PRETRAINED.values():
@@ -145,6 +146,13 @@ def test_a_copy_holds_its_autoguidance_and_samples_as_its_run_with_the_guide_fil
     assert held[1] == given[1] and held[1].describe() == "heun, 4 steps, eta 0, autoguidance w 1.5 at sigma (0.1, 10]"
     assert torch.equal(held[0], given[0]) and not torch.equal(held[0], plain[0])
     assert plain[2] == 7 and 7 < held[2] < 14  # heun's 4 levels: 7 calls, the guide's only inside (0.1, 10]
+    half = str(tmp_path / "bf16.pt")
+    checkpoint.main([strong, half, "--guide_model", weak, "--bf16"])
+    stored = load_checkpoint(half)["guide"]["ema"]
+    assert all(v.dtype == torch.bfloat16 for v in stored.values() if v.is_floating_point())
+    loaded_guides = [checkpoint.guide_from_checkpoint(load_checkpoint(p)) for p in (copy, half)]
+    for fp32, bf16 in zip(*(g.parameters() for g in loaded_guides)):
+        assert bf16.dtype == torch.float32 and torch.equal(bf16, fp32.to(torch.bfloat16).float())
     for flags, message in ((["--guide_model", ddpm], "cannot guide this model"),
                            (["--guidance_scale", "1"], "for conditional models, or a --guide_model")):
         exits_2(capsys, lambda: checkpoint.main([strong, str(tmp_path / "refused.pt"), *flags]), message)
