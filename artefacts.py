@@ -15,13 +15,15 @@ from sampling import default_labels, digit_rows, generate, is_conditional, sampl
 
 
 class RunArtefacts:
-    def __init__(self, args, exp_dir: str, ema, diffusion, evaluator, writer, device, pad: int):
-        """`ema` is the network to sample (updated in place by the trainer) with the sampler of --sample_method;
-        `evaluator` a metrics.Evaluator (None: no evaluations); `pad` the border train.py adds to 28x28 digits."""
-        self.args, self.exp_dir, self.ema, self.diffusion = args, exp_dir, ema, diffusion
+    def __init__(self, args, exp_dir: str, ema, guide, diffusion, evaluator, writer, device, pad: int):
+        """`ema` is the network to sample (updated in place by the trainer) with the sampler of --sample_method
+        and the run's guidance; `guide()` the network autoguidance steers away from (None: none yet, and
+        classifier-free guidance or none); `evaluator` a metrics.Evaluator (None: no evaluations); `pad` the
+        border train.py adds to 28x28 digits."""
+        self.args, self.exp_dir, self.ema, self.guide, self.diffusion = args, exp_dir, ema, guide, diffusion
         self.evaluator, self.writer, self.device, self.pad = evaluator, writer, device, pad
         self.sampler = sampler_settings(diffusion, args.sample_method, args.sample_steps, args.sample_eta,
-                                        getattr(args, "guidance_scale", 0.0), getattr(args, "guidance_interval", None))
+                                        args.guidance_scale, args.guidance_interval, args.guide_snapshot > 0)
 
     def survive(self, what: str, work, step: int):
         """work(), or None with a warning on stderr and in TensorBoard if it fails for any reason but a stop."""
@@ -37,7 +39,7 @@ class RunArtefacts:
         args = self.args
         return generate(self.ema, self.diffusion, n, self.sampler, labels=labels, batch_size=max(args.batch_size, 100),
                         seed=args.seed, device=self.device, amp=args.amp, compile_mode=args.compile,
-                        channels_last=args.channels_last)
+                        channels_last=args.channels_last, guide_model=self.guide())
 
     def write_samples(self, step: int, epoch: int) -> str:
         """A grid ten images wide: 10x10, or one row per class for a conditional model."""

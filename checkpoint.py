@@ -16,9 +16,10 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
     guidance_interval      optional: likewise for --guidance_interval
     ema_dtype              optional: "bfloat16" when a sampling copy stores its EMA weights so (half the
                            size); they load back into the fp32 network
-    guide                  optional, sampling copies: {model_config, ema, step}, a weaker network of the same
-                           kind that guidance_scale steers away from (autoguidance) in place of the null class
-                           (an unconditional model's guidance_scale needs one)
+    guide                  optional: {model_config, ema, step}, a weaker network of the same kind that
+                           guidance_scale steers away from (autoguidance) in place of the null class (an
+                           unconditional model's guidance_scale needs one): the run's --guide_snapshot, or
+                           the --guide_model of a sampling copy
 
 A sampling copy (`python checkpoint.py last.pth model.pt`) keeps the same format without `model` and
 `train_state`: a quarter of the size, enough for inference.py and eval.py, not for --resume. The two
@@ -53,12 +54,15 @@ class CheckpointError(UserError):
 
 def save_checkpoint(path: str, model: torch.nn.Module, ema: torch.nn.Module, diffusion: GaussianDiffusion,
                     step: int = 0, epoch: int = 0, train_state: dict | None = None,
-                    config: dict | None = None) -> None:
+                    config: dict | None = None, guide: dict | None = None) -> None:
+    """`guide`: {model_config, ema, step} of the network autoguidance steers away from (None: none)."""
     state = dict(format=FORMAT, version=VERSION, model_config=dict(model.config),
                  diffusion_config=dict(diffusion.config), conditional=isinstance(model, ConditionalUNet),
                  model=model.state_dict(), ema=ema.state_dict(), step=int(step), epoch=int(epoch),
                  train_state=train_state or {},
                  config=json.loads(json.dumps(config or {})))  # plain types only, or weights_only loading fails
+    if guide is not None:
+        state["guide"] = guide
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -150,10 +154,10 @@ def guide_from_checkpoint(ckpt: dict, path: str | None = None) -> torch.nn.Modul
 def default_guidance(ckpt: dict) -> tuple:
     """(scale, interval) a checkpoint samples with unless told otherwise: its own, else its run's; (0, None)
     for an unconditional model without a guide. The interval is None (guide at every noise level) before
-    there was one."""
+    there was one, and an unconditional run's scale 0 before its runs could take a guide."""
     if not (ckpt["conditional"] or "guide" in ckpt):
         return 0.0, None
-    run = ckpt["config"].get("args", {}) if ckpt["conditional"] else {}
+    run = ckpt["config"].get("args", {})
     interval = ckpt.get("guidance_interval", run.get("guidance_interval"))
     return ckpt.get("guidance_scale", run.get("guidance_scale", 0.0)), None if interval is None else tuple(interval)
 

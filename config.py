@@ -73,8 +73,16 @@ class ConditioningConfig:
     """train_conditional.py only."""
     num_classes: int = 10
     p_uncond: float = 0.1
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """The guidance of the run's sample grids and evaluations, and the default of its checkpoints:
+    classifier-free for a conditional run, away from the --guide_snapshot network when the run takes one
+    (autoguidance, which an unconditional run needs for any guidance)."""
     guidance_scale: float = 0.5
     guidance_interval: tuple[float, ...] | None = None
+    guide_snapshot: float = 0.0
 
 
 FORMULATIONS = ("ddpm",) + edm.FORMULATIONS
@@ -120,13 +128,16 @@ HELP = {
     "sample_steps": "its steps (default: the method's; ddpm takes all T)",
     "sample_eta": "its injected noise (default: the method's)",
     "p_uncond": "label dropout for classifier-free guidance",
-    "guidance_scale": "w for sample grids and evaluations",
+    "guidance_scale": "w for sample grids and evaluations (an unconditional run guides only with --guide_snapshot)",
     "guidance_interval": "guide those only at noise levels sigma in (LO, HI] (default: all)",
+    "guide_snapshot": "autoguidance (Karras et al. 2024): once this share of the run has passed (of its epochs' "
+                      "steps, or of --time_budget), a copy of the EMA becomes the weaker network guidance steers "
+                      "away from; every later checkpoint holds it (0: none)",
 }
 CHOICES = {"activation": tuple(ACTIVATIONS), "beta_schedule": BETA_SCHEDULES, "prediction": PREDICTIONS,
            "timestep_sampling": TIMESTEP_SAMPLING, "range_loss": RANGE_LOSSES,
            "formulation": FORMULATIONS, "sample_method": tuple(dict.fromkeys(DDPM_METHODS + edm.METHODS))}
-METAVARS = {"resume": "PATH", "time_budget": "MINUTES", "guidance_interval": "LO,HI"}
+METAVARS = {"resume": "PATH", "time_budget": "MINUTES", "guidance_interval": "LO,HI", "guide_snapshot": "SHARE"}
 
 # A small model for machines without a GPU, the winner of tools/sweep.py (docs/cpu_recipe.md): flow matching
 # with logit-normal t on a 1.06M SiLU U-Net, 9.5 minutes of training, as many epochs as that allows, the
@@ -138,6 +149,9 @@ PRESETS = {
                 batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999,
                 epochs=100, save_freq=1, eval_freq=1, eval_samples=200, time_budget=9.5),
 }
+# What train.py's presets add: autoguidance by the run's own EMA at a fifth of the run (docs/cpu_recipe.md);
+# a conditional run guides classifier-free.
+UNCONDITIONAL_PRESETS = {"cpu": dict(guide_snapshot=0.2, guidance_scale=1.0, guidance_interval=(0.3, 5.0))}
 # What a resumed run may change; everything else comes from the checkpoint's config.
 RESUME_OVERRIDES = ("epochs", "max_steps", "time_budget", "device", "save_freq", "eval_freq", "log_every",
                     "compile", "amp", "channels_last", "eval_samples", "save_every_minutes", "data_dir")
@@ -172,15 +186,20 @@ def add_fields(group, config_class) -> None:
                            metavar=METAVARS.get(f.name))
 
 
+def preset_values(name: str, conditional: bool) -> dict:
+    """The flags a preset sets for train_conditional.py (`conditional`) or train.py."""
+    return {**PRESETS[name], **({} if conditional else UNCONDITIONAL_PRESETS.get(name, {}))}
+
+
 def build_parser(conditional: bool) -> argparse.ArgumentParser:
     kind = "a class-conditional" if conditional else "an unconditional"
     p = ArgumentParser(description=f"Train {kind} diffusion model on MNIST.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="a named configuration; flags given on the command line override it. cpu: "
-                        + " ".join(f"--{k} {flag_value(v) or repr('')}" for k, v in PRESETS["cpu"].items()))
+                   help="a named configuration; flags given on the command line override it. cpu: " + " ".join(
+                       f"--{k} {flag_value(v) or repr('')}" for k, v in preset_values("cpu", conditional).items()))
     groups = [("training", [TrainingConfig]), ("model", [ModelConfig]),
               ("diffusion", [FormulationConfig, DiffusionConfig, KarrasConfig, NoiseLevelConfig, LossConfig]),
-              ("sample grids and evaluations", [GridSamplerConfig])]
+              ("sample grids and evaluations", [GridSamplerConfig, GuidanceConfig])]
     if conditional:
         groups.append(("conditioning", [ConditioningConfig]))
     for title, config_classes in groups:
@@ -207,7 +226,7 @@ def parse_args(argv, conditional: bool) -> tuple[argparse.Namespace, set]:
     argv = sys.argv[1:] if argv is None else list(argv)
     preset = parser.parse_known_args(argv)[0].preset
     if preset:
-        parser.set_defaults(**PRESETS[preset])
+        parser.set_defaults(**preset_values(preset, conditional))
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
     if args.resume:
@@ -219,6 +238,10 @@ def parse_args(argv, conditional: bool) -> tuple[argparse.Namespace, set]:
         check(args, conditional)
     except ValueError as e:
         parser.error(str(e))
+    typed_guidance = sorted(given & {"guidance_scale", "guidance_interval"})
+    if typed_guidance and not conditional and not args.guide_snapshot:
+        parser.error(f"--{typed_guidance[0]} needs a network to guide away from: an unconditional run guides only "
+                     "with --guide_snapshot")
     return args, given
 
 
@@ -252,9 +275,11 @@ def check(args, conditional: bool) -> None:
         raise ValueError(f"--sample_method {args.sample_method} --sample_steps {args.sample_steps}: {e}") from None
     if args.sample_eta is not None and args.sample_eta < 0:
         raise ValueError(f"--sample_eta must not be negative, got {args.sample_eta}")
+    check_guidance_scale(args.guidance_scale)
+    check_guidance_interval(args.guidance_interval)
+    if not 0 <= args.guide_snapshot < 1:
+        raise ValueError(f"--guide_snapshot must be in [0, 1), got {args.guide_snapshot}")
     if conditional:
-        check_guidance_scale(args.guidance_scale)
-        check_guidance_interval(args.guidance_interval)
         if args.num_classes < MNIST_CLASSES:
             raise ValueError(f"--num_classes must be at least {MNIST_CLASSES}: MNIST has labels 0-9, got "
                              f"{args.num_classes}")

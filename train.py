@@ -21,7 +21,7 @@ import torch.distributed as dist
 import fileio
 from checkpoint import load_checkpoint
 from cli import UserError, check_output_dir, fail, replaced
-from config import PRESETS, parse_args
+from config import parse_args, preset_values
 from data import load_mnist
 from metrics import Evaluator, check_sample_count
 from runtime import amp_dtype, pick_device
@@ -102,7 +102,8 @@ def setup(args, given: set, conditional: bool, check_new: bool = True):
 
 def run_config(args, conditional: bool, world: int) -> dict:
     """The configuration a run saves in config.json and in every checkpoint."""
-    return dict(args=dict(vars(args)), preset=PRESETS.get(args.preset), conditional=conditional, world_size=world,
+    return dict(args=dict(vars(args)), preset=args.preset and preset_values(args.preset, conditional),
+                conditional=conditional, world_size=world,
                 torch=torch.__version__, torchvision=__import__("torchvision").__version__, git_commit=git_commit(),
                 command=" ".join(sys.argv))
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 import fileio
 from artefacts import RunArtefacts
-from checkpoint import build_diffusion, build_model, save_checkpoint
+from checkpoint import build_diffusion, build_model, guide_from_checkpoint, save_checkpoint
 from cli import UserError
 from conditional_ddpm import drop_labels
 from config import diffusion_config, model_config
@@ -43,6 +43,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, seconds: float, bu
     if budget_seconds is not None:
         progress = max(progress, seconds / budget_seconds)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def run_share(step: int, total_steps: int, seconds: float, budget_seconds: float | None) -> float:
+    """The share of the run done: of the epochs' steps, or of the time budget if that ends the run first."""
+    return max(step / total_steps, 0.0 if budget_seconds is None else seconds / budget_seconds)
 
 
 class TrainingClock:
@@ -139,6 +144,7 @@ class Trainer:
         self.pad = (args.image_size - data[0].shape[-1]) // 2
         self.batches = Batches(*data, args.batch_size, self.pad, self.device, args.seed)
         self.total_steps = args.epochs * self.batches.per_epoch  # the LR schedule's length; --max_steps cuts it
+        self.budget_seconds = None if args.time_budget is None else 60 * args.time_budget
 
         self.model = build_model(model_config(args), conditional).to(
             self.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
@@ -165,6 +171,7 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.history = {"step": [], "loss": []}
         self.best = {"metric": None, "value": None, "step": None}
+        self.guide, self.guide_step = None, None  # the --guide_snapshot network, once taken
         self.clock = TrainingClock()
         self.saved_step, self.saved_seconds = None, 0.0  # what last.pth holds
         if ckpt is not None:
@@ -194,12 +201,16 @@ class Trainer:
         if "cuda_rng" in s and self.device.type == "cuda":
             torch.cuda.set_rng_state(s["cuda_rng"], self.device)
         self.history, self.best = s["history"], s["best"]
+        if "guide" in ckpt:
+            self.guide, self.guide_step = guide_from_checkpoint(ckpt).to(self.device), ckpt["guide"]["step"]
         self.clock = TrainingClock(s["elapsed"])
         self.saved_step, self.saved_seconds = self.step, s["elapsed"]
 
     def save(self, name: str) -> None:
+        guide = None if self.guide is None else dict(model_config=dict(self.guide.config),
+                                                      ema=self.guide.state_dict(), step=self.guide_step)
         save_checkpoint(os.path.join(self.exp_dir, name), self.model, self.ema, self.diffusion, self.step, self.epoch,
-                        self.train_state(), config=self.run_config)
+                        self.train_state(), config=self.run_config, guide=guide)
 
     def checkpoint(self) -> None:
         """last.pth, written by rank 0; every rank notes what it now holds, so that all decide alike."""
@@ -229,8 +240,7 @@ class Trainer:
         with self.autocast():
             loss = self.diffusion.training_loss(self.net, x0[share], kwargs, t=t[share], noise=noise[share],
                                                 **self.loss_options)
-        budget = None if args.time_budget is None else 60 * args.time_budget
-        lr = args.lr * lr_factor(self.step, self.total_steps, args.warmup_steps, self.clock.agreed, budget)
+        lr = args.lr * lr_factor(self.step, self.total_steps, args.warmup_steps, self.clock.agreed, self.budget_seconds)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -246,6 +256,16 @@ class Trainer:
     def update_ema(self) -> None:
         decay = min(self.args.ema_decay, (1 + self.step) / (10 + self.step))
         torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+
+    def take_guide_when_due(self) -> None:
+        """--guide_snapshot: at the first step past its share of the run, a frozen copy of the EMA becomes the
+        guide, the same network with less training (a weaker model for autoguidance at no extra cost)."""
+        share = self.args.guide_snapshot
+        if share and self.guide is None and run_share(
+                self.step, self.total_steps, self.clock.agreed, self.budget_seconds) >= share:
+            self.guide, self.guide_step = copy.deepcopy(self.ema), self.step
+            if self.is_main:
+                tqdm.write(f"step {self.step}: the EMA becomes the autoguidance network (--guide_snapshot {share:g})")
 
 
 class LossLog:
@@ -327,6 +347,7 @@ class TrainingLoop:
             self.stop.checkpoint_is_current = False
             bar.update()
             stopping = self.out_of_budget()
+            tr.take_guide_when_due()
             save_due = (args.save_every_minutes > 0 and not stopping
                         and tr.clock.agreed - tr.saved_seconds >= 60 * args.save_every_minutes)
             if (tr.step % args.log_every == 0 or stopping or save_due
@@ -367,7 +388,8 @@ class TrainingLoop:
         writer = None
         if tr.is_main:
             writer = SummaryWriter(os.path.join(tr.exp_dir, "logs"), purge_step=tr.step or None)
-            self.out = RunArtefacts(args, tr.exp_dir, tr.ema, tr.diffusion, self.evaluator, writer, tr.device, tr.pad)
+            self.out = RunArtefacts(args, tr.exp_dir, tr.ema, lambda: tr.guide, tr.diffusion, self.evaluator, writer,
+                                    tr.device, tr.pad)
             if tr.step == 0:
                 writer.add_text("config", "```\n" + json.dumps(tr.run_config, indent=2) + "\n```")
         handlers = {s: signal.signal(s, self.stop.request) for s in (signal.SIGINT, signal.SIGTERM)}

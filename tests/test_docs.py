@@ -57,11 +57,13 @@ def test_tables_name_the_machine_of_each_row(tmp_path):
     assert tables.machines(rows) == "host A and host B" and tables.machines(rows[:1]) == "host A"
 
 
-def test_preset_values_are_typed_and_known_flags():
-    defaults, _ = config.parse_args([], conditional=False)
-    for preset_name, preset in config.PRESETS.items():
+@pytest.mark.parametrize("conditional", [False, True])
+def test_preset_values_are_typed_and_known_flags(conditional):
+    defaults, _ = config.parse_args([], conditional=conditional)
+    for preset_name in config.PRESETS:
+        preset = config.preset_values(preset_name, conditional)
         assert set(preset) <= set(vars(defaults))
-        args, _ = config.parse_args(["--preset", preset_name], conditional=False)
+        args, _ = config.parse_args(["--preset", preset_name], conditional=conditional)
         for name, value in preset.items():
             assert getattr(args, name) == value and type(getattr(args, name)) is type(value), name
 

@@ -18,18 +18,20 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import config
+import inference
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import REPO, exits_2, grid_tiles, run_training
 from data import DataError, load_mnist, to_uint8
 from ddpm_model import GaussianDiffusion
-from sampling import digit_rows, generate, sampler_settings
-from trainer import Trainer, lr_factor
+from sampling import digit_rows, generate, load_model, sampler_settings
+from trainer import Trainer, TrainingLoop, lr_factor
 
 
 def new_trainer(flags, conditional=False):
-    args, exp_dir, _ = train.setup(*config.parse_args(flags, conditional=conditional), conditional=conditional)
-    return Trainer(args, conditional, exp_dir, load_mnist(args.data_dir))
+    """The Trainer train.py would build (its checkpoint's state when resumed), without the run's loop."""
+    args, exp_dir, ckpt = train.setup(*config.parse_args(flags, conditional=conditional), conditional=conditional)
+    return Trainer(args, conditional, exp_dir, load_mnist(args.data_dir), train.run_config(args, conditional, 1), ckpt)
 
 
 def test_mnist_loads_offline_from_the_repository(data_dir):
@@ -125,6 +127,37 @@ def test_resume_is_exact(train_flags, formulation):
     assert a["train_state"]["history"] == b["train_state"]["history"]
 
 
+def test_guide_snapshot_is_the_ema_at_its_share_of_the_run(train_flags, tmp_path):
+    """--guide_snapshot 0.5 of a 6-step run: the guide is the EMA of step 3, frozen from then on and held by
+    every later checkpoint; a run resumed before the snapshot takes the same one, a run resumed after it
+    keeps it; and the run's checkpoints sample with autoguidance at its --guidance_scale by default."""
+    flags = train_flags + ["--formulation", "flow", "--guide_snapshot", "0.5", "--guidance_scale", "1.5",
+                           "--guidance_interval", "0.2,20"]
+
+    def train(max_steps, name=None, resume=None):
+        run = ["--resume", resume] if resume else flags + ["--experiment_name", name]
+        trainer = new_trainer(run + ["--max_steps", str(max_steps)])
+        trainer.total_steps = 6  # the run's length, which the share is of (its epochs' steps otherwise)
+        TrainingLoop(trainer).run()
+        return trainer
+    once, at_3 = train(6, "once"), train(3, "at_3")
+    assert once.guide_step == at_3.guide_step == 3
+    assert all(torch.equal(g, e) for g, e in zip(once.guide.parameters(), at_3.ema.parameters()))
+    assert not all(torch.equal(g, e) for g, e in zip(once.guide.parameters(), once.ema.parameters()))
+    runs = tmp_path / "runs"
+    assert train(2, "resumed").guide is None
+    train(4, resume=str(runs / "resumed" / "last.pth"))  # takes the guide at step 3, after the resume
+    assert load_checkpoint(str(runs / "resumed" / "last.pth"))["guide"]["step"] == 3
+    resumed = train(6, resume=str(runs / "resumed" / "last.pth"))  # restores it
+    a, b = (load_checkpoint(str(runs / name / "last.pth"))["guide"] for name in ("once", "resumed"))
+    assert a["step"] == b["step"] == 3 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert resumed.guide_step == 3
+    loaded = load_model(inference.build_parser().parse_args(["--model_path", str(runs / "once" / "last.pth")]),
+                        ["dpm_solver"])
+    assert loaded.guide_model is not None
+    assert loaded.samplers["dpm_solver"].describe() == "dpm_solver, 20 steps, eta 1, autoguidance w 1.5 at sigma (0.2, 20]"
+
+
 def test_speed_flags_keep_the_training_step(train_flags):
     """Two steps from the same state (the output layer starts at zero, so the second step is the first
     whose loss and gradients involve the whole network): --channels_last changes only the layout,
@@ -199,6 +232,8 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path, tiny_flags):
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 is not supported on cpu"),
     (["--compile", "fast"], "invalid choice"),
     (["--sample_eta", "-1"], "--sample_eta must not be negative"),
+    (["--guide_snapshot", "1"], "--guide_snapshot must be in [0, 1)"),
+    (["--guidance_scale", "1"], "an unconditional run guides only with --guide_snapshot"),
 ])
 def test_bad_flags(capsys, train_flags, bad, message):
     exits_2(capsys, lambda: run_training(train_flags + bad), message)

@@ -5,7 +5,8 @@ sampler, score them with eval.py, and write one table (docs/cpu_recipe.md, rows 
     python -m tools.sweep --only preset,ddpm_minsnr --minutes 9.5  # confirm the best at the preset's budget
     python -m tools.sweep --only none                              # no training: rewrite the table from its JSON
 
-A candidate is `--preset cpu` with some flags changed, and runs as the full command line of train.py or
+A candidate is the recipe both scripts' `--preset cpu` share (config.PRESETS) with some flags changed;
+`preset` is train.py's, which adds autoguidance. It runs as the full command line of train.py or
 train_conditional.py that it expands to, so that a row can be rerun by hand (and still can after the
 preset moves on); the table lists each command. A run is one (candidate, minutes, seed); runs already in
 the JSON are kept (--rerun trains them again), so an interrupted sweep continues where it stopped. Every
@@ -21,7 +22,7 @@ from statistics import mean
 from typing import NamedTuple
 
 from cli import ArgumentParser, fail, float_list, guarded
-from config import PRESETS, flag_value
+from config import PRESETS, UNCONDITIONAL_PRESETS, flag_value
 from fileio import write_json, write_text
 from tools.tables import choose, fmt, load_rows, machine, machines, percent
 
@@ -39,9 +40,11 @@ class Candidate(NamedTuple):
 
 # The recipe of the first sweep: ddpm (linear betas, eps, uniform t), ReLU, Min-SNR-5, the plain MSE.
 DDPM = dict(formulation="ddpm", activation="relu", min_snr_gamma=5.0, p_mean=-1.2, p_std=1.2, range_loss="mse")
+AUTOGUIDE = UNCONDITIONAL_PRESETS["cpu"]
 CANDIDATES = {
-    "preset": Candidate("baseline", {}, "`--preset cpu`: flow matching (straight path, velocity target, "
-                        "logit-normal t, one-sided loss at the range ends), 1.06M U-Net (32/64/64, SiLU), bf16"),
+    "preset": Candidate("baseline", AUTOGUIDE, "`train.py --preset cpu`: flow matching (straight path, velocity "
+                        "target, logit-normal t, one-sided loss at the range ends), 1.06M U-Net (32/64/64, SiLU), "
+                        "bf16; autoguidance w 1 at sigma (0.3, 5] away from the run's EMA at 20% of it"),
     "flow_mse": Candidate("formulation", dict(range_loss="mse"), "the plain MSE at the ends of the data range "
                           "(`--range_loss mse`)"),
     "ddpm_minsnr": Candidate("formulation", DDPM, "ddpm, eps, Min-SNR-5, ReLU: the recipe of the first sweep"),
@@ -68,6 +71,10 @@ CANDIDATES = {
     "flow_norm1": Candidate("network", dict(norm_groups=1), "one group per GroupNorm"),
     "flow_ema9995": Candidate("ema", dict(ema_decay=0.9995), "EMA decay 0.9995"),
     "flow_ema998": Candidate("ema", dict(ema_decay=0.998), "EMA decay 0.998"),
+    # guidance by the run's own earlier EMA (autoguidance, Karras et al. 2024): no extra training
+    "flow_unguided": Candidate("guidance", {}, "the preset unguided: the recipe both presets share"),
+    "flow_autoguide_0.4": Candidate("guidance", dict(AUTOGUIDE, guide_snapshot=0.4),
+                                    "autoguidance w 1 at sigma (0.3, 5] away from the run's EMA at 40% of it"),
     "conditional": Candidate("baseline", {}, "`train_conditional.py --preset cpu` (guidance 0.5)", "train_conditional.py"),
     "conditional_mse": Candidate("conditional", dict(range_loss="mse"), "conditional, the plain MSE at the range ends "
                                  "(guidance 0.5)", "train_conditional.py"),
@@ -132,7 +139,8 @@ def write_table(rows: list, path: str, where: str) -> None:
     ordered = sorted(groups.values(), key=lambda g: (-g[0]["minutes"], mean(r["fid_mnist"] for r in g)))
     n = rows[0]["num_samples"]
     lines = ["# CPU recipe sweep", "",
-             f"Each run trains `--preset cpu` with the candidate's changes for the budget of its row, then draws "
+             f"Each run trains the recipe both scripts' `--preset cpu` share with the candidate's changes (`preset` is "
+             f"train.py's, which adds autoguidance) for the budget of its row, then draws "
              f"{n:,} samples with the formulation's default sampler, which `eval.py --no_inception` scores; `floor` "
              f"is fid_mnist of {n:,} real MNIST test images. fid_mnist is the mean over the seeds, each seed's in "
              f"brackets. `faint px` is the share of pixels at grey levels 1-10 (`metrics.FAINT_LEVELS`): leftover "
