@@ -18,6 +18,7 @@ from tools import results, samplers
 from tools.tables import load_rows
 
 SAMPLER_TABLE = os.path.join(os.path.dirname(checkpoint.ASSETS_DIR), "docs", "sampler_table.md")
+RESULTS_TABLE = os.path.join(os.path.dirname(checkpoint.ASSETS_DIR), "docs", "results_10k.md")
 
 
 def measured_best_guidance() -> tuple:
@@ -54,13 +55,20 @@ def test_shipped_model_draws_digits(kind):
 
 
 @pytest.mark.unit
-def test_shipped_unconditional_model_holds_a_smaller_guide_and_samples_unguided_by_default():
-    """The file carries its autoguidance network (docs/samplers.md), but its default stays w 0: the samples
-    of docs/results_10k.md are what it draws without flags."""
-    ckpt = load_checkpoint(pretrained_path("unconditional"))
-    model, guide = model_from_checkpoint(ckpt)[0], checkpoint.guide_from_checkpoint(ckpt)
-    assert sum(p.numel() for p in guide.parameters()) < sum(p.numel() for p in model.parameters()) / 2
-    assert checkpoint.default_guidance(ckpt) == (0.0, None)
+@pytest.mark.parametrize("kind", sorted(PRETRAINED))
+def test_shipped_model_samples_by_default_as_its_results_row(kind):
+    """The samples of docs/results_10k.md are what each file draws without flags: its default guidance is
+    the one its row was scored with (the unconditional file's autoguidance by the smaller network it holds)."""
+    ckpt = load_checkpoint(pretrained_path(kind))
+    model, diffusion = model_from_checkpoint(ckpt)
+    guided = "guide" in ckpt
+    if kind == "unconditional":
+        guide = checkpoint.guide_from_checkpoint(ckpt)
+        assert sum(p.numel() for p in guide.parameters()) < sum(p.numel() for p in model.parameters()) / 2
+    row = next(r for r in load_rows(RESULTS_TABLE)[1] if r["model"] == f"shipped_{kind}")
+    assert row["source"] == f"pretrained:{kind}"
+    default = sampler_settings(diffusion, "dpm_solver", None, None, *checkpoint.default_guidance(ckpt), guided)
+    assert default.describe() == row["sampler"]
 
 
 @pytest.mark.unit
@@ -84,9 +92,10 @@ def test_inference_without_a_model_path_samples_the_shipped_models(tmp_path, mon
         assert written == os.path.join("outputs", f"pretrained_{kind}", "inference", "samples_dpm_solver.png")
         ckpt = load_checkpoint(pretrained_path(kind))
         model, diffusion = model_from_checkpoint(ckpt)
-        sampler = sampler_settings(diffusion, "dpm_solver", 3, None, *checkpoint.default_guidance(ckpt))
+        guide = checkpoint.guide_from_checkpoint(ckpt) if "guide" in ckpt else None
+        sampler = sampler_settings(diffusion, "dpm_solver", 3, None, *checkpoint.default_guidance(ckpt), guide is not None)
         expected = to_uint8(generate(model, diffusion, len(labels) if labels is not None else 4, sampler,
-                                     labels=labels, batch_size=64, seed=0)).numpy()
+                                     labels=labels, batch_size=64, seed=0, guide_model=guide)).numpy()
         assert np.abs(grid_tiles(written).astype(int) - expected).max() <= 1, kind
 
 

@@ -102,3 +102,24 @@ def test_the_guidance_table_names_the_best_scale_that_keeps_the_class(tmp_path):
     assert "at class accuracy >= 0.99: w 1, sigma in (0.3, 5] (5.50, class accuracy 0.9950)" in table.read_text()
     assert (tmp_path / "t_guidance.png").read_bytes()[:4] == b"\x89PNG"
     assert samplers.best_guidance([row("w 0", 0, 5.0, 0.97)]) is None
+
+
+@pytest.mark.unit
+def test_sampler_table_rows_guide_as_labelled_whatever_the_shipped_default():
+    """Both shipped files guide by default at sigma in (0.3, 5]; a row of tools.samplers samples with the
+    guidance its label names, not that default: sampler rows unguided, 'w 0.5' at every noise level."""
+    import eval as eval_script
+    from sampling import load_model
+
+    def sampler(source, flags):
+        args = eval_script.build_parser().parse_args(["--pretrained", source.split(":")[1], *flags])
+        return load_model(args, [eval_script.build_parser().parse_args(flags).method]).samplers.popitem()[1]
+    for group, (source, _, rows) in samplers.GROUPS.items():
+        for label, flags in rows:
+            s = sampler(source, flags)
+            if group == "samplers" or label == "w 0":
+                assert s.guidance_scale == 0, (group, label)
+            elif "sigma in" in label:
+                assert s.guidance_interval == tuple(map(float, label.split("(")[1].rstrip("]").split(","))), label
+            else:
+                assert s.guidance_interval == (0, float("inf")), label

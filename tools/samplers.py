@@ -21,9 +21,14 @@ from utils import plot_guidance_curves
 
 CLASS_ACCURACY_GOAL = 0.99  # the guidance default must keep the digits of the asked-for class
 
+# A row says what it guides with, so that the shipped file's default guidance (and its interval) does not
+# leak into it: the samplers unguided, guidance "at every noise level" over all sigma > 0.
+UNGUIDED = ["--guidance_scale", "0"]
+EVERY_LEVEL = "0,inf"
 # group: (the shipped model it samples, what it shows, [(row, eval.py flags), ...])
 GROUPS = {
     "samplers": ("pretrained:unconditional", "the unconditional model: each sampler at 10 to 50 network calls", [
+        (row, flags + UNGUIDED) for row, flags in [
         ("heun 6 levels, ODE", ["--method", "heun", "--steps", "6"]),
         ("heun 10 levels, ODE", ["--method", "heun", "--steps", "10"]),
         ("heun 18 levels, ODE", ["--method", "heun", "--steps", "18"]),
@@ -43,14 +48,14 @@ GROUPS = {
         ("ddim 20, ODE (Euler)", ["--method", "ddim", "--steps", "20"]),
         ("ddim 50, ODE (Euler)", ["--method", "ddim", "--steps", "50"]),
         ("ddim 50, eta 1", ["--method", "ddim", "--steps", "50", "--eta", "1"]),
-    ]),
+    ]]),
     "guidance": ("pretrained:conditional", "the conditional model: the guidance scale w, at every noise level or "
                  "in an interval of them (Kynkaanniemi et al. 2024), with the default sampler", [
         ("w 0", ["--guidance_scale", "0"]),
-        ("w 0.1", ["--guidance_scale", "0.1"]),
-        ("w 0.3", ["--guidance_scale", "0.3"]),
-        ("w 0.5", ["--guidance_scale", "0.5"]),
-        ("w 1", ["--guidance_scale", "1"]),
+        ("w 0.1", ["--guidance_scale", "0.1", "--guidance_interval", EVERY_LEVEL]),
+        ("w 0.3", ["--guidance_scale", "0.3", "--guidance_interval", EVERY_LEVEL]),
+        ("w 0.5", ["--guidance_scale", "0.5", "--guidance_interval", EVERY_LEVEL]),
+        ("w 1", ["--guidance_scale", "1", "--guidance_interval", EVERY_LEVEL]),
         ("w 0.3, sigma in (0.3, 5]", ["--guidance_scale", "0.3", "--guidance_interval", "0.3,5"]),
         ("w 0.5, sigma in (0.3, 5]", ["--guidance_scale", "0.5", "--guidance_interval", "0.3,5"]),
         ("w 1, sigma in (0.3, 5]", ["--guidance_scale", "1", "--guidance_interval", "0.3,5"]),
@@ -60,8 +65,8 @@ GROUPS = {
     "autoguidance": ("pretrained:unconditional", "the unconditional model guided away from the weaker network its "
                      "file holds (autoguidance, Karras et al. 2024), with the default sampler", [
         ("w 0", ["--guidance_scale", "0"]),
-        ("w 0.5", ["--guidance_scale", "0.5"]),
-        ("w 1", ["--guidance_scale", "1"]),
+        ("w 0.5", ["--guidance_scale", "0.5", "--guidance_interval", EVERY_LEVEL]),
+        ("w 1", ["--guidance_scale", "1", "--guidance_interval", EVERY_LEVEL]),
         ("w 0.5, sigma in (0.3, 5]", ["--guidance_scale", "0.5", "--guidance_interval", "0.3,5"]),
     ]),
 }
@@ -99,7 +104,8 @@ def row_method(flags: list) -> str:
 def guidance_interval(label: str) -> str | None:
     """The --guidance_interval of a guidance row (None: guided at every noise level)."""
     flags = dict(GROUPS["guidance"][2]).get(label, [])
-    return flags[flags.index("--guidance_interval") + 1] if "--guidance_interval" in flags else None
+    interval = flags[flags.index("--guidance_interval") + 1] if "--guidance_interval" in flags else EVERY_LEVEL
+    return None if interval == EVERY_LEVEL else interval
 
 
 def best_guidance(rows: list) -> dict | None:
