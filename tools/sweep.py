@@ -73,6 +73,8 @@ CANDIDATES = {
     "flow_ema998": Candidate("ema", dict(ema_decay=0.998), "EMA decay 0.998"),
     # guidance by the run's own earlier EMA (autoguidance, Karras et al. 2024): no extra training
     "flow_unguided": Candidate("guidance", {}, "the preset unguided: the recipe both presets share"),
+    "flow_autoguide_0.1": Candidate("guidance", dict(AUTOGUIDE, guide_snapshot=0.1),
+                                    "autoguidance w 1 at sigma (0.3, 5] away from the run's EMA at 10% of it"),
     "flow_autoguide_0.4": Candidate("guidance", dict(AUTOGUIDE, guide_snapshot=0.4),
                                     "autoguidance w 1 at sigma (0.3, 5] away from the run's EMA at 40% of it"),
     "conditional": Candidate("baseline", {}, "`train_conditional.py --preset cpu` (guidance 0.5)", "train_conditional.py"),
