@@ -99,6 +99,11 @@ def load_checkpoint(path: str, conditional: bool | None = None, map_location="cp
     return ckpt
 
 
+def guide_entry(model_config: dict, ema: dict, step: int) -> dict:
+    """A checkpoint's `guide`: the network autoguidance steers away from."""
+    return dict(model_config=dict(model_config), ema=ema, step=int(step))
+
+
 def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_interval=None, bf16: bool = False,
                   guide: dict | None = None) -> dict:
     """The checkpoint without what only training needs: the raw weights and the optimizer state;
@@ -107,7 +112,7 @@ def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_inte
     `guide`, a checkpoint from load_guide, goes in as the network autoguidance steers away from."""
     copy = {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
     if guide is not None:
-        copy["guide"] = dict(model_config=dict(guide["model_config"]), ema=guide["ema"], step=int(guide["step"]))
+        copy["guide"] = guide_entry(guide["model_config"], guide["ema"], guide["step"])
     if bf16:
         to_bf16 = lambda state: {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
         copy["ema"] = to_bf16(copy["ema"])
@@ -153,11 +158,14 @@ def guide_from_checkpoint(ckpt: dict, path: str | None = None) -> torch.nn.Modul
 
 def default_guidance(ckpt: dict) -> tuple:
     """(scale, interval) a checkpoint samples with unless told otherwise: its own, else its run's; (0, None)
-    for an unconditional model without a guide. The interval is None (guide at every noise level) before
-    there was one, and an unconditional run's scale 0 before its runs could take a guide."""
+    for an unconditional model without a guide. An unconditional run's flags count only if it took a
+    --guide_snapshot: otherwise its guidance_scale was never used (a guide given to its copy later starts at
+    w 0). The interval is None (guide at every noise level) before there was one."""
     if not (ckpt["conditional"] or "guide" in ckpt):
         return 0.0, None
     run = ckpt["config"].get("args", {})
+    if not (ckpt["conditional"] or run.get("guide_snapshot")):
+        run = {}
     interval = ckpt.get("guidance_interval", run.get("guidance_interval"))
     return ckpt.get("guidance_scale", run.get("guidance_scale", 0.0)), None if interval is None else tuple(interval)
 

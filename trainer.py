@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 import fileio
 from artefacts import RunArtefacts
-from checkpoint import build_diffusion, build_model, guide_from_checkpoint, save_checkpoint
+from checkpoint import build_diffusion, build_model, guide_entry, guide_from_checkpoint, save_checkpoint
 from cli import UserError
 from conditional_ddpm import drop_labels
 from config import diffusion_config, model_config
@@ -207,8 +207,7 @@ class Trainer:
         self.saved_step, self.saved_seconds = self.step, s["elapsed"]
 
     def save(self, name: str) -> None:
-        guide = None if self.guide is None else dict(model_config=dict(self.guide.config),
-                                                      ema=self.guide.state_dict(), step=self.guide_step)
+        guide = None if self.guide is None else guide_entry(self.guide.config, self.guide.state_dict(), self.guide_step)
         save_checkpoint(os.path.join(self.exp_dir, name), self.model, self.ema, self.diffusion, self.step, self.epoch,
                         self.train_state(), config=self.run_config, guide=guide)
 

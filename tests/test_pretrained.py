@@ -169,6 +169,23 @@ def test_a_copy_holds_its_autoguidance_and_samples_as_its_run_with_the_guide_fil
     exits_2(capsys, lambda: inference.main(["--model_path", strong, "--guidance_scale", "1", "--output_dir",
                                             str(tmp_path / "out")]), "needs a conditional model, or a --guide_model")
 
+@pytest.mark.unit
+def test_default_guidance_takes_the_run_flags_only_of_a_run_that_guided():
+    """Every run records a guidance_scale (0.5 by default), but an unconditional run without --guide_snapshot
+    never used it: a guide given to its copy later starts at w 0. A conditional run's, or a snapshotting
+    run's, flags are its checkpoints' default, and a copy's own setting wins over both."""
+    guide = checkpoint.guide_entry({}, {}, 1)
+    def ckpt(conditional, args, **own):
+        return dict(conditional=conditional, config=dict(args=args), **own)
+    unguided_run = dict(guidance_scale=0.5, guidance_interval=None, guide_snapshot=0.0)
+    snapshot_run = dict(guidance_scale=1.5, guidance_interval=[0.2, 20.0], guide_snapshot=0.5)
+    assert checkpoint.default_guidance(ckpt(False, unguided_run)) == (0.0, None)
+    assert checkpoint.default_guidance(ckpt(False, unguided_run, guide=guide)) == (0.0, None)
+    assert checkpoint.default_guidance(ckpt(False, snapshot_run, guide=guide)) == (1.5, (0.2, 20.0))
+    assert checkpoint.default_guidance(ckpt(False, unguided_run, guide=guide, guidance_scale=0.7)) == (0.7, None)
+    assert checkpoint.default_guidance(ckpt(True, unguided_run)) == (0.5, None)
+
+
 def test_a_sampling_copy_carries_its_own_guidance(tmp_path, train_flags, capsys):
     """checkpoint.py --guidance_scale sets the copy's default guidance; the flag of inference.py still
     wins, the run without a copy keeps its own, and an unconditional model refuses one."""
