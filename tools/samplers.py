@@ -68,6 +68,8 @@ GROUPS = {
         ("w 0.5", ["--guidance_scale", "0.5", "--guidance_interval", EVERY_LEVEL]),
         ("w 1", ["--guidance_scale", "1", "--guidance_interval", EVERY_LEVEL]),
         ("w 0.5, sigma in (0.3, 5]", ["--guidance_scale", "0.5", "--guidance_interval", "0.3,5"]),
+        ("w 1, sigma in (0.3, 5]", ["--guidance_scale", "1", "--guidance_interval", "0.3,5"]),
+        ("w 2, sigma in (0.3, 5]", ["--guidance_scale", "2", "--guidance_interval", "0.3,5"]),
     ]),
 }
 
