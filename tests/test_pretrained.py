@@ -168,6 +168,7 @@ def test_a_copy_holds_its_autoguidance_and_samples_as_its_run_with_the_guide_fil
     exits_2(capsys, lambda: inference.main(["--model_path", strong, "--guidance_scale", "1", "--output_dir",
                                             str(tmp_path / "out")]), "needs a conditional model, or a --guide_model")
 
+
 @pytest.mark.unit
 def test_default_guidance_takes_the_run_flags_only_of_a_run_that_guided():
     """Every run records a guidance_scale (0.5 by default), but an unconditional run without --guide_snapshot
