@@ -14,6 +14,8 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
     guidance_scale         optional: the classifier-free guidance a conditional model samples with by
                            default, in place of the run's --guidance_scale (set by checkpoint.py)
     guidance_interval      optional: likewise for --guidance_interval
+    class_guidance         optional: a conditional model with a guide: the w of the classifier-free term its
+                           autoguidance adds by default (set by checkpoint.py)
     ema_dtype              optional: "bfloat16" when a sampling copy stores its EMA weights so (half the
                            size); they load back into the fp32 network
     guide                  optional: {model_config, ema, step}, a weaker network of the same kind that
@@ -105,11 +107,11 @@ def guide_entry(model_config: dict, ema: dict, step: int) -> dict:
 
 
 def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_interval=None, bf16: bool = False,
-                  guide: dict | None = None) -> dict:
+                  guide: dict | None = None, class_guidance: float | None = None) -> dict:
     """The checkpoint without what only training needs: the raw weights and the optimizer state;
-    `guidance_scale` and `guidance_interval`, if given, become the copy's default guidance (the run's
-    record stays as it was); `bf16` stores the EMA's floating-point weights in bfloat16 (the guide's too);
-    `guide`, a checkpoint from load_guide, goes in as the network autoguidance steers away from."""
+    `guidance_scale`, `guidance_interval` and `class_guidance`, if given, become the copy's default guidance
+    (the run's record stays as it was); `bf16` stores the EMA's floating-point weights in bfloat16 (the
+    guide's too); `guide`, a checkpoint from load_guide, goes in as the network autoguidance steers away from."""
     copy = {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
     if guide is not None:
         copy["guide"] = guide_entry(guide["model_config"], guide["ema"], guide["step"])
@@ -121,11 +123,16 @@ def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_inte
         copy["ema_dtype"] = "bfloat16"
     if (guidance_scale, guidance_interval) != (None, None) and not (ckpt["conditional"] or "guide" in copy):
         raise UserError("--guidance_scale and --guidance_interval are for conditional models, or a --guide_model")
+    if class_guidance is not None and not (ckpt["conditional"] and "guide" in copy):
+        raise UserError("--class_guidance is the classifier-free term beside autoguidance: it needs a conditional "
+                        "model and the guide it holds (or --guide_model)")
     try:
         if guidance_scale is not None:
             copy["guidance_scale"] = float(check_guidance_scale(guidance_scale))
         if guidance_interval is not None:
             copy["guidance_interval"] = list(check_guidance_interval(guidance_interval))
+        if class_guidance is not None:
+            copy["class_guidance"] = float(check_guidance_scale(class_guidance, "--class_guidance"))
     except ValueError as e:
         raise UserError(str(e)) from None
     return copy
@@ -157,17 +164,19 @@ def guide_from_checkpoint(ckpt: dict, path: str | None = None) -> torch.nn.Modul
 
 
 def default_guidance(ckpt: dict) -> tuple:
-    """(scale, interval) a checkpoint samples with unless told otherwise: its own, else its run's; (0, None)
-    for an unconditional model without a guide. An unconditional run's flags count only if it took a
+    """(scale, interval, class scale) a checkpoint samples with unless told otherwise: its own, else its
+    run's; (0, None, 0) for an unconditional model without a guide. The class scale (a classifier-free
+    term beside autoguidance) is a sampling copy's only. An unconditional run's flags count only if it took a
     --guide_snapshot: otherwise its guidance_scale was never used (a guide given to its copy later starts at
     w 0). The interval is None (guide at every noise level) before there was one."""
     if not (ckpt["conditional"] or "guide" in ckpt):
-        return 0.0, None
+        return 0.0, None, 0.0
     run = ckpt["config"].get("args", {})
     if not (ckpt["conditional"] or run.get("guide_snapshot")):
         run = {}
     interval = ckpt.get("guidance_interval", run.get("guidance_interval"))
-    return ckpt.get("guidance_scale", run.get("guidance_scale", 0.0)), None if interval is None else tuple(interval)
+    return (ckpt.get("guidance_scale", run.get("guidance_scale", 0.0)), None if interval is None else tuple(interval),
+            ckpt.get("class_guidance", 0.0))
 
 
 def pretrained_path(kind: str) -> str:
@@ -220,6 +229,9 @@ def main(argv=None):
                         "--guide_model; default: the run's)")
     p.add_argument("--guidance_interval", type=float_list, default=None, metavar="LO,HI",
                    help="the noise levels it guides at by default (default: the run's)")
+    p.add_argument("--class_guidance", type=float, default=None, metavar="W",
+                   help="a conditional model with a guide: the w of the classifier-free term its autoguidance adds by "
+                        "default (default: none)")
     p.add_argument("--guide_model", default=None, metavar="PATH",
                    help="a weaker checkpoint of the same kind (fewer steps, or a smaller network) for the copy to hold: "
                         "its guidance then steers away from that network (autoguidance) instead of the null class")
@@ -230,7 +242,7 @@ def main(argv=None):
         raise UserError(f"{args.output} exists; remove it or choose another name")
     ckpt = load_checkpoint(args.checkpoint)
     guide = load_guide(ckpt, args.guide_model) if args.guide_model else None
-    copy = sampling_copy(ckpt, args.guidance_scale, args.guidance_interval, args.bf16, guide)
+    copy = sampling_copy(ckpt, args.guidance_scale, args.guidance_interval, args.bf16, guide, args.class_guidance)
     atomic_write(args.output, lambda tmp: torch.save(copy, tmp))
     print(f"{args.output}: {os.path.getsize(args.output) / 1e6:.2f} MB, sha256 {sha256_file(args.output)}")
 

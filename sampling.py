@@ -30,24 +30,34 @@ class SamplerSettings:
     """How to sample, complete: the method, its steps (all T for ddpm; noise levels for heun, network calls
     for the others), its injected noise eta (0: deterministic), the guidance scale and the noise levels
     (lo, hi] it guides at (None: all), and `autoguided`: whether guidance steers away from a weaker network
-    (autoguidance) instead of the null class (classifier-free)."""
+    (autoguidance) instead of the null class (classifier-free), and class_guidance: the scale of a
+    classifier-free term beside autoguidance (conditional models)."""
     method: str
     steps: int
     eta: float
     guidance_scale: float = 0.0
     guidance_interval: tuple | None = None
     autoguided: bool = False
+    class_guidance: float = 0.0
+
+    @property
+    def guided(self) -> bool:
+        return bool(self.guidance_scale or self.class_guidance)
 
     def describe(self) -> str:
         noise = "" if self.method == "ddpm" else f", eta {self.eta:g}"
-        guidance = f", {'autoguidance ' if self.autoguided else ''}w {self.guidance_scale:g}" if self.guidance_scale else ""
-        if self.guidance_scale and self.guidance_interval:
+        terms = [f"{'autoguidance ' if self.autoguided else ''}w {self.guidance_scale:g}"] if self.guidance_scale else []
+        if self.class_guidance:
+            terms.append(f"classifier-free w {self.class_guidance:g}")
+        guidance = ", " + " + ".join(terms) if terms else ""
+        if self.guided and self.guidance_interval:
             guidance += f" at sigma ({self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]"
         return f"{self.method}, {self.steps} steps{noise}{guidance}"
 
 
 def sampler_settings(diffusion, method: str, steps: int | None = None, eta: float | None = None,
-                     guidance_scale: float = 0.0, guidance_interval=None, autoguided: bool = False) -> SamplerSettings:
+                     guidance_scale: float = 0.0, guidance_interval=None, autoguided: bool = False,
+                     class_guidance: float = 0.0) -> SamplerSettings:
     """Checked settings for `diffusion`, defaults from its SAMPLERS table; UserError naming the bad flag."""
     if method not in diffusion.SAMPLERS:
         raise UserError(f"--method {method} is not a sampler of this model; it takes {', '.join(diffusion.SAMPLERS)}")
@@ -58,10 +68,14 @@ def sampler_settings(diffusion, method: str, steps: int | None = None, eta: floa
     try:
         eta = resolve_eta(method, diffusion.SAMPLERS, eta)
         check_guidance_scale(guidance_scale)
+        check_guidance_scale(class_guidance, "--class_guidance")
         guidance_interval = check_guidance_interval(guidance_interval)
     except ValueError as e:
         raise UserError(str(e)) from None
-    return SamplerSettings(method, steps, eta, guidance_scale, guidance_interval, autoguided)
+    if class_guidance and not autoguided:
+        raise UserError("--class_guidance is the classifier-free term beside autoguidance: it needs a conditional "
+                        "model with a guide (without one, --guidance_scale is classifier-free)")
+    return SamplerSettings(method, steps, eta, guidance_scale, guidance_interval, autoguided, class_guidance)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, methods=ALL_METHODS, batch_size: int | None = None) -> None:
@@ -82,6 +96,9 @@ def add_sampling_args(p: argparse.ArgumentParser, methods=ALL_METHODS, batch_siz
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="guidance w: classifier-free (conditional models), or away from --guide_model; default: "
                         "the checkpoint's (a sampling copy's own, else its training run's)")
+    p.add_argument("--class_guidance", type=float, default=None, metavar="W",
+                   help="a conditional model under autoguidance: the w of a classifier-free term beside it, in the same "
+                        "interval (one more network call there); default: the checkpoint's (0)")
     p.add_argument("--guidance_interval", type=float_list, default=None, metavar="LO,HI",
                    help="guide only at noise levels sigma in (LO, HI]; default: the checkpoint's (none: all)")
     p.add_argument("--guide_model", default=None, metavar="PATH",
@@ -133,16 +150,19 @@ def load_model(args, methods, want_conditional: bool = False) -> Loaded:
     ckpt = load_checkpoint(path)
     model, diffusion = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
     guide_model = guide_from_checkpoint(ckpt, args.guide_model)
-    scale, interval = default_guidance(ckpt)
+    scale, interval, class_scale = default_guidance(ckpt)
     guidance = dict(guidance_scale=scale if args.guidance_scale is None else args.guidance_scale,
                     guidance_interval=interval if args.guidance_interval is None else args.guidance_interval,
-                    autoguided=guide_model is not None)
+                    autoguided=guide_model is not None,
+                    class_guidance=class_scale if args.class_guidance is None else args.class_guidance)
     samplers = {}
     for method in methods:  # --steps is for the few-step samplers: the ddpm half of --method both / --comparison takes all T
         steps = args.steps if method != "ddpm" or args.method == "ddpm" else None
         samplers[method] = sampler_settings(diffusion, method, steps, args.eta, **guidance)
     if guidance["guidance_scale"] and not ckpt["conditional"] and guide_model is None:  # after the value's own check
         raise UserError("--guidance_scale needs a conditional model, or a --guide_model to steer away from")
+    if guidance["class_guidance"] and not ckpt["conditional"]:
+        raise UserError("--class_guidance needs a conditional model (it is classifier-free guidance)")
     device = pick_device(args.device)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
@@ -196,13 +216,13 @@ def generate(model, diffusion, num_samples: int, sampler: SamplerSettings, label
     net = counted(model)
     if conditional:
         labels = default_labels(model, num_samples) if labels is None else labels
-    if sampler.guidance_scale and (conditional or guide_model is not None):
+    if sampler.guided and (conditional or guide_model is not None):
         guide = None
         if sampler.guidance_interval is not None:
             lo, hi = sampler.guidance_interval
             guide = lambda t: bool(lo < diffusion.sigma_at(t).item() <= hi)
         model_fn = GuidedModel(net, sampler.guidance_scale, getattr(model, "null_class", None), guide,
-                               None if guide_model is None else counted(guide_model))
+                               None if guide_model is None else counted(guide_model), sampler.class_guidance)
     else:
         model_fn = net
     size = model.config["image_size"]

@@ -152,8 +152,8 @@ def plot_guidance_curves(curves: dict, floor_fid: float, accuracy_goal: float, n
         acc_ax.plot(w, accuracy, "o-", label=label)
     fid_ax.axhline(floor_fid, color="k", ls=":", lw=1, label="real MNIST test")
     acc_ax.axhline(accuracy_goal, color="k", ls="--", lw=1, label=f"{accuracy_goal}")
-    fid_ax.set(xlabel="guidance scale w", ylabel="fid_inception (lower is better)", title=f"N = {n:,}")
-    acc_ax.set(xlabel="guidance scale w", ylabel="class accuracy", title="Samples of the asked-for class")
+    fid_ax.set(xlabel="classifier-free guidance scale w", ylabel="fid_inception (lower is better)", title=f"N = {n:,}")
+    acc_ax.set(xlabel="classifier-free guidance scale w", ylabel="class accuracy", title="Samples of the asked-for class")
     for ax in (fid_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -125,6 +125,29 @@ def test_autoguidance_steers_away_from_the_weak_model_at_the_same_inputs():
         GuidedModel(network(1.0), 1.0)
 
 
+def test_autoguidance_with_a_classifier_free_term():
+    """out = f + w (f - g) + w_class (f - f_null): f and f_null in one batch, the weak network g once; w 0
+    leaves classifier-free guidance alone, and the class term needs both a null class and a weak network."""
+    calls = []
+
+    def network(value):
+        def f(x, t, y):
+            calls.append((value, y.tolist()))
+            return x * 0 + value + y.view(-1, 1, 1, 1).float()
+        return f
+    x, t, y = torch.zeros(2, 1, 2, 2), torch.zeros(2), torch.tensor([1, 2])
+    strong, null, weak = 1 + y.float(), 1 + 10.0, 4 + y.float()
+    out = GuidedModel(network(1.0), 2.0, null_class=10, weak_model=network(4.0), class_scale=0.5)(x, t, y)
+    torch.testing.assert_close(out[:, 0, 0, 0], strong + 2.0 * (strong - weak) + 0.5 * (strong - null))
+    assert calls == [(1.0, [1, 2, 10, 10]), (4.0, [1, 2])]
+    calls.clear()
+    out = GuidedModel(network(1.0), 0.0, null_class=10, weak_model=network(4.0), class_scale=0.5)(x, t, y)
+    torch.testing.assert_close(out[:, 0, 0, 0], strong + 0.5 * (strong - null))
+    assert calls == [(1.0, [1, 2, 10, 10])]
+    with pytest.raises(ValueError, match="conditional model and a weak model"):
+        GuidedModel(network(1.0), 1.0, weak_model=network(4.0), class_scale=0.5)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def make_checkpoint(path, conditional=False):

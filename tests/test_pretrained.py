@@ -22,10 +22,10 @@ RESULTS_TABLE = os.path.join(os.path.dirname(checkpoint.ASSETS_DIR), "docs", "re
 
 
 def measured_best_guidance() -> tuple:
-    """(scale, interval) of the guidance row docs/sampler_table.md names the best: the shipped default."""
+    """(autoguidance scale, interval, classifier-free scale) of the guidance row docs/sampler_table.md names
+    the best: the shipped default."""
     best = samplers.best_guidance([r for r in load_rows(SAMPLER_TABLE)[1] if r["group"] == "guidance"])
-    interval = samplers.guidance_interval(best["model"])
-    return best["guidance_scale"], None if interval is None else tuple(float(v) for v in interval.split(","))
+    return samplers.row_guidance(best["model"])
 
 
 @pytest.mark.unit
@@ -66,7 +66,8 @@ def test_shipped_model_samples_by_default_as_its_results_row(kind):
         assert ckpt["guide"]["step"] < ckpt["step"]  # a weaker network: one trained for fewer steps
     row = next(r for r in load_rows(RESULTS_TABLE)[1] if r["model"] == f"shipped_{kind}")
     assert row["source"] == f"pretrained:{kind}"
-    default = sampler_settings(diffusion, "dpm_solver", None, None, *checkpoint.default_guidance(ckpt), guided)
+    scale, interval, class_scale = checkpoint.default_guidance(ckpt)
+    default = sampler_settings(diffusion, "dpm_solver", None, None, scale, interval, guided, class_scale)
     assert default.describe() == row["sampler"]
 
 
@@ -92,7 +93,8 @@ def test_inference_without_a_model_path_samples_the_shipped_models(tmp_path, mon
         ckpt = load_checkpoint(pretrained_path(kind))
         model, diffusion = model_from_checkpoint(ckpt)
         guide = checkpoint.guide_from_checkpoint(ckpt) if "guide" in ckpt else None
-        sampler = sampler_settings(diffusion, "dpm_solver", 3, None, *checkpoint.default_guidance(ckpt), guide is not None)
+        scale, interval, class_scale = checkpoint.default_guidance(ckpt)
+        sampler = sampler_settings(diffusion, "dpm_solver", 3, None, scale, interval, guide is not None, class_scale)
         expected = to_uint8(generate(model, diffusion, len(labels) if labels is not None else 4, sampler,
                                      labels=labels, batch_size=64, seed=0, guide_model=guide)).numpy()
         assert np.abs(grid_tiles(written).astype(int) - expected).max() <= 1, kind
@@ -179,11 +181,12 @@ def test_default_guidance_takes_the_run_flags_only_of_a_run_that_guided():
         return dict(conditional=conditional, config=dict(args=args), **own)
     unguided_run = dict(guidance_scale=0.5, guidance_interval=None, guide_snapshot=0.0)
     snapshot_run = dict(guidance_scale=1.5, guidance_interval=[0.2, 20.0], guide_snapshot=0.5)
-    assert checkpoint.default_guidance(ckpt(False, unguided_run)) == (0.0, None)
-    assert checkpoint.default_guidance(ckpt(False, unguided_run, guide=guide)) == (0.0, None)
-    assert checkpoint.default_guidance(ckpt(False, snapshot_run, guide=guide)) == (1.5, (0.2, 20.0))
-    assert checkpoint.default_guidance(ckpt(False, unguided_run, guide=guide, guidance_scale=0.7)) == (0.7, None)
-    assert checkpoint.default_guidance(ckpt(True, unguided_run)) == (0.5, None)
+    assert checkpoint.default_guidance(ckpt(False, unguided_run)) == (0.0, None, 0.0)
+    assert checkpoint.default_guidance(ckpt(False, unguided_run, guide=guide)) == (0.0, None, 0.0)
+    assert checkpoint.default_guidance(ckpt(False, snapshot_run, guide=guide)) == (1.5, (0.2, 20.0), 0.0)
+    assert checkpoint.default_guidance(ckpt(False, unguided_run, guide=guide, guidance_scale=0.7)) == (0.7, None, 0.0)
+    assert checkpoint.default_guidance(ckpt(True, unguided_run)) == (0.5, None, 0.0)
+    assert checkpoint.default_guidance(ckpt(True, unguided_run, guide=guide, class_guidance=0.1)) == (0.5, None, 0.1)
 
 
 def test_a_sampling_copy_carries_its_own_guidance(tmp_path, train_flags, capsys):
@@ -203,6 +206,34 @@ def test_a_sampling_copy_carries_its_own_guidance(tmp_path, train_flags, capsys)
     exits_2(capsys, lambda: checkpoint.main([str(last), str(tmp_path / "refused.pt"), "--guidance_scale", "-1"]),
             "must not be negative")
     assert not (tmp_path / "refused.pt").exists()
+
+
+def test_a_conditional_copy_with_a_guide_adds_its_classifier_free_term(tmp_path, train_flags, capsys):
+    """checkpoint.py --class_guidance: the classifier-free term a conditional copy adds to its autoguidance by
+    default, which sampling makes (one call more at each guided level) and describes; refused without a guide,
+    and on the command line of an unguided model."""
+    run_training(train_flags + ["--experiment_name", "c", "--max_steps", "1", "--epochs", "1"], conditional=True)
+    last, copy = tmp_path / "runs" / "c" / "last.pth", tmp_path / "copy.pt"
+    exits_2(capsys, lambda: checkpoint.main([str(last), str(copy), "--class_guidance", "0.1"]), "guide")
+    checkpoint.main([str(last), str(copy), "--guide_model", str(last), "--guidance_scale", "1",
+                     "--class_guidance", "0.1"])
+
+    def loaded(path, *flags):
+        args = inference.build_parser().parse_args(["--model_path", str(path), "--steps", "3", *flags])
+        return load_model(args, ["dpm_solver"])
+    both, unguided = loaded(copy), loaded(copy, "--class_guidance", "0")
+    sampler = both.samplers["dpm_solver"]
+    assert (sampler.guidance_scale, sampler.class_guidance) == (1.0, 0.1)
+    assert sampler.describe().endswith("autoguidance w 1 + classifier-free w 0.1")
+    calls = {}
+    for which in (both, unguided):
+        stats = {}
+        generate(which.model, which.diffusion, 2, which.samplers["dpm_solver"], batch_size=2, stats=stats,
+                 guide_model=which.guide_model)
+        calls[which is both] = stats["network_calls"]
+    assert calls == {True: 3 * 3, False: 2 * 3}  # f, its null-class twin and the guide; f and the guide
+    exits_2(capsys, lambda: inference.main(["--model_path", str(last), "--class_guidance", "0.1"]),
+            "needs a conditional model with a guide")
 
 
 def test_results_table_scores_each_model_beside_the_floor(tmp_path, train_flags, data_dir):

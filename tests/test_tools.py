@@ -51,7 +51,8 @@ def test_sampler_table_scores_every_row_of_a_group(tmp_path, train_flags, data_d
 
 def test_sampler_table_skips_the_samplers_a_model_lacks(tmp_path, train_flags, data_dir, monkeypatch):
     """On a ddpm model the samplers group scores its DDIM and DPM-Solver++(2M) rows and skips heun and 3M;
-    re-scoring a group drops its rows of another model, which the skipped rows would otherwise leave."""
+    re-scoring a group drops its rows of another model, which the skipped rows would otherwise leave, and the
+    rows it no longer has."""
     run_training(train_flags + ["--experiment_name", "ddpm", "--max_steps", "1", "--formulation", "ddpm"])
     model = str(tmp_path / "runs" / "ddpm" / "last.pth")
     assert samplers.methods_of(model) == ("ddpm", "ddim", "dpm_solver")
@@ -63,12 +64,12 @@ def test_sampler_table_skips_the_samplers_a_model_lacks(tmp_path, train_flags, d
     assert [r["model"] for r in rows] == expected and len(expected) == 9
     stale = dict(rows[0], model="heun 18 levels, ODE", source="elsewhere.pth")
     (tmp_path / "samplers.json").write_text(json.dumps(dict(rows=rows + [stale])))
-    last_row = samplers.GROUPS["samplers"][2][-1]  # "ddim 50, eta 1": scored again, alone
+    last_row = samplers.GROUPS["samplers"][2][-1]  # "ddim 50, eta 1": the group's only row now
     monkeypatch.setitem(samplers.GROUPS, "samplers", samplers.GROUPS["samplers"][:2] + ([last_row],))
     samplers.main(["--only", "samplers", "--model", model, "--num_samples", "10", "--no_inception", "--data_dir",
                    data_dir, "--out", str(tmp_path / "out"), "--table", str(tmp_path / "samplers.md")])
     again = json.loads((tmp_path / "samplers.json").read_text())["rows"]
-    assert sorted(r["model"] for r in again) == sorted(expected) and {r["source"] for r in again} == {model}
+    assert [(r["model"], r["source"]) for r in again] == [(last_row[0], model)]
 
     def missing_run(rows):  # --missing scores only the rows the JSON lacks
         (tmp_path / "samplers.json").write_text(json.dumps(dict(rows=rows)))
@@ -83,31 +84,38 @@ def test_sampler_table_skips_the_samplers_a_model_lacks(tmp_path, train_flags, d
 
 
 def test_the_guidance_table_names_the_best_scale_that_keeps_the_class(tmp_path):
-    """Of the guidance rows, the lowest fid_inception at class accuracy >= 0.99 is named and plotted; a row
-    with a lower fid_inception but fewer digits of the asked-for class is not chosen."""
+    """Of the guidance rows, the lowest fid_inception at class accuracy >= 0.99 by one standard error is named
+    and plotted, a curve per interval and autoguidance scale against the classifier-free w; a row with a
+    lower fid_inception but fewer digits of the asked-for class is not chosen, nor one within the error."""
     floor = {k: 1.0 for k in samplers.METRICS}
 
-    def row(label, w, fid, accuracy):
+    def row(label, fid, accuracy):
         return dict({k: 0.5 for k in samplers.METRICS}, model=label, group="guidance", source="pretrained:conditional",
-                    num_samples=100, guidance_scale=w, sampler=f"dpm_solver, w {w}", network_evaluations=40,
-                    sampling_seconds=1.0, date="2026-12-04", inception=True, floor=floor, fid_inception=fid,
-                    class_accuracy=accuracy)
-    rows = [row("w 0", 0, 5.0, 0.97), row("w 0.3", 0.3, 6.0, 0.992), row("w 1", 1, 9.0, 0.999),
-            row("w 1, sigma in (0.3, 5]", 1, 5.5, 0.995)]
-    assert samplers.best_guidance(rows)["model"] == "w 1, sigma in (0.3, 5]"
-    assert samplers.guidance_curves(rows) == {"every noise level": [(0, 5.0, 0.97), (0.3, 6.0, 0.992), (1, 9.0, 0.999)],
-                                              "sigma in (0.3, 5]": [(1, 5.5, 0.995)]}
+                    num_samples=1000, sampler=label, network_evaluations=40, sampling_seconds=1.0, date="2026-12-04",
+                    inception=True, floor=floor, fid_inception=fid, class_accuracy=accuracy)
+    rows = [row("unguided", 5.0, 0.97), row("classifier-free w 0.3", 6.0, 0.996), row("classifier-free w 1", 9.0, 0.999),
+            row("autoguidance w 1, sigma in (0.3, 5]", 4.0, 0.987),
+            row("autoguidance w 1 + classifier-free w 0.1, sigma in (0.3, 5]", 4.5, 0.992),
+            row("autoguidance w 1 + classifier-free w 0.2, sigma in (0.3, 5]", 5.5, 0.995)]
+    best = "autoguidance w 1 + classifier-free w 0.2, sigma in (0.3, 5]"  # 0.992 - its standard error 0.003 < 0.99
+    assert samplers.best_guidance(rows)["model"] == best
+    assert samplers.row_guidance(best) == (1.0, (0.3, 5.0), 0.2)
+    assert samplers.row_guidance("classifier-free w 0.3") == (0.0, None, 0.3)
+    assert samplers.guidance_curves(rows) == {
+        "classifier-free, every noise level": [(0, 5.0, 0.97), (0.3, 6.0, 0.996), (1, 9.0, 0.999)],
+        "autoguidance w 1 + classifier-free, sigma in (0.3, 5]": [(0, 4.0, 0.987), (0.1, 4.5, 0.992), (0.2, 5.5, 0.995)]}
     table = tmp_path / "t.md"
     samplers.write_table(rows, str(table), "a test")
-    assert "at class accuracy >= 0.99: w 1, sigma in (0.3, 5] (5.50, class accuracy 0.9950)" in table.read_text()
+    assert f"by one standard error: {best} (5.50, class accuracy 0.9950)" in table.read_text()
     assert (tmp_path / "t_guidance.png").read_bytes()[:4] == b"\x89PNG"
-    assert samplers.best_guidance([row("w 0", 0, 5.0, 0.97)]) is None
+    assert samplers.best_guidance([row("unguided", 5.0, 0.97)]) is None
 
 
 @pytest.mark.unit
 def test_sampler_table_rows_guide_as_labelled_whatever_the_shipped_default():
     """Both shipped files guide by default at sigma in (0.3, 5]; a row of tools.samplers samples with the
-    guidance its label names, not that default: sampler rows unguided, 'w 0.5' at every noise level."""
+    guidance its label names, not that default: sampler rows unguided, 'w 0.5' at every noise level, the
+    conditional rows with the autoguidance and classifier-free scales of their labels."""
     import eval as eval_script
     from sampling import load_model
 
@@ -117,8 +125,11 @@ def test_sampler_table_rows_guide_as_labelled_whatever_the_shipped_default():
     for group, (source, _, rows) in samplers.GROUPS.items():
         for label, flags in rows:
             s = sampler(source, flags)
-            if group == "samplers" or label == "w 0":
-                assert s.guidance_scale == 0, (group, label)
+            if group == "guidance":
+                autoguidance, _, class_scale = samplers.row_guidance(label)
+                assert (s.guidance_scale, s.class_guidance) == (autoguidance, class_scale), label
+            if group == "samplers" or label in ("w 0", "unguided"):
+                assert not s.guided, (group, label)
             elif "sigma in" in label:
                 assert s.guidance_interval == tuple(map(float, label.split("(")[1].rstrip("]").split(","))), label
             else:

@@ -9,6 +9,7 @@ test split. Rows whose sampler the model lacks (heun and dpm_solver_3m on ddpm m
 
 A row already in the JSON is scored again only when its group is named with --only.
 """
+import math
 import os
 
 from checkpoint import build_diffusion, load_checkpoint, pretrained_path
@@ -49,19 +50,23 @@ GROUPS = {
         ("ddim 50, ODE (Euler)", ["--method", "ddim", "--steps", "50"]),
         ("ddim 50, eta 1", ["--method", "ddim", "--steps", "50", "--eta", "1"]),
     ]]),
-    "guidance": ("pretrained:conditional", "the conditional model: the guidance scale w, at every noise level or "
-                 "in an interval of them (Kynkaanniemi et al. 2024), with the default sampler", [
-        ("w 0", ["--guidance_scale", "0"]),
-        ("w 0.1", ["--guidance_scale", "0.1", "--guidance_interval", EVERY_LEVEL]),
-        ("w 0.3", ["--guidance_scale", "0.3", "--guidance_interval", EVERY_LEVEL]),
-        ("w 0.5", ["--guidance_scale", "0.5", "--guidance_interval", EVERY_LEVEL]),
-        ("w 1", ["--guidance_scale", "1", "--guidance_interval", EVERY_LEVEL]),
-        ("w 0.3, sigma in (0.3, 5]", ["--guidance_scale", "0.3", "--guidance_interval", "0.3,5"]),
-        ("w 0.5, sigma in (0.3, 5]", ["--guidance_scale", "0.5", "--guidance_interval", "0.3,5"]),
-        ("w 1, sigma in (0.3, 5]", ["--guidance_scale", "1", "--guidance_interval", "0.3,5"]),
-        ("w 1, sigma in (1, 80]", ["--guidance_scale", "1", "--guidance_interval", "1,80"]),
-        ("w 2, sigma in (0.3, 5]", ["--guidance_scale", "2", "--guidance_interval", "0.3,5"]),
-    ]),
+    "guidance": ("pretrained:conditional", "the conditional model: classifier-free guidance of scale w, at every "
+                 "noise level or in an interval of them (Kynkaanniemi et al. 2024), alone or beside autoguidance "
+                 "by the weaker network the file holds, with the default sampler", [
+        (row, ["--guidance_scale", autoguidance, "--class_guidance", w, "--guidance_interval", interval])
+        for row, autoguidance, w, interval in [
+            ("unguided", "0", "0", EVERY_LEVEL),
+            ("classifier-free w 0.1", "0", "0.1", EVERY_LEVEL),
+            ("classifier-free w 0.3", "0", "0.3", EVERY_LEVEL),
+            ("classifier-free w 0.5", "0", "0.5", EVERY_LEVEL),
+            ("classifier-free w 1", "0", "1", EVERY_LEVEL),
+            ("classifier-free w 0.3, sigma in (0.3, 5]", "0", "0.3", "0.3,5"),
+            ("classifier-free w 1, sigma in (0.3, 5]", "0", "1", "0.3,5"),
+            ("autoguidance w 1, sigma in (0.3, 5]", "1", "0", "0.3,5"),
+            ("autoguidance w 1 + classifier-free w 0.1, sigma in (0.3, 5]", "1", "0.1", "0.3,5"),
+            ("autoguidance w 1 + classifier-free w 0.2, sigma in (0.3, 5]", "1", "0.2", "0.3,5"),
+            ("autoguidance w 1 + classifier-free w 0.3, sigma in (0.3, 5]", "1", "0.3", "0.3,5"),
+        ]]),
     "autoguidance": ("pretrained:unconditional", "the unconditional model guided away from the weaker network its "
                      "file holds (autoguidance, Karras et al. 2024), with the default sampler", [
         ("w 0", ["--guidance_scale", "0"]),
@@ -103,27 +108,42 @@ def row_method(flags: list) -> str:
     return parser.parse_known_args(flags)[0].method
 
 
-def guidance_interval(label: str) -> str | None:
-    """The --guidance_interval of a guidance row (None: guided at every noise level)."""
-    flags = dict(GROUPS["guidance"][2]).get(label, [])
-    interval = flags[flags.index("--guidance_interval") + 1] if "--guidance_interval" in flags else EVERY_LEVEL
-    return None if interval == EVERY_LEVEL else interval
+def row_guidance(label: str) -> tuple:
+    """(autoguidance scale, interval or None for every noise level, classifier-free scale) of a guidance row:
+    the default guidance a shipped file takes from its best row."""
+    parser = ArgumentParser()
+    add_sampling_args(parser)
+    args = parser.parse_known_args(dict(GROUPS["guidance"][2])[label])[0]
+    interval = None if args.guidance_interval == (0, float("inf")) else args.guidance_interval
+    return args.guidance_scale, interval, args.class_guidance
+
+
+def keeps_the_class(row: dict) -> bool:
+    """Whether a row's class accuracy is CLASS_ACCURACY_GOAL or more by one standard error at its N: a default
+    chosen at 1,000 images must keep the goal at the 10,000 of the results table, and at N=1,000 the
+    standard error of an accuracy near 0.99 is 0.003."""
+    accuracy = row["class_accuracy"] or 0
+    return accuracy - math.sqrt(accuracy * (1 - accuracy) / row["num_samples"]) >= CLASS_ACCURACY_GOAL
 
 
 def best_guidance(rows: list) -> dict | None:
-    """Of guidance rows, the one with the lowest fid_inception at class accuracy >= CLASS_ACCURACY_GOAL."""
-    fit = [r for r in rows if r["fid_inception"] is not None and (r["class_accuracy"] or 0) >= CLASS_ACCURACY_GOAL]
+    """Of guidance rows, the one with the lowest fid_inception of those that keep the class."""
+    fit = [r for r in rows if r["fid_inception"] is not None and keeps_the_class(r)]
     return min(fit, key=lambda r: r["fid_inception"], default=None)
 
 
 def guidance_curves(rows: list) -> dict:
-    """{interval label: [(w, fid_inception, class accuracy), ...] by w} of guidance rows scored with Inception."""
+    """{curve label: [(classifier-free w, fid_inception, class accuracy), ...] by w} of guidance rows scored
+    with Inception; a curve per interval and autoguidance scale."""
     curves = {}
-    for r in sorted((r for r in rows if r["fid_inception"] is not None), key=lambda r: r["guidance_scale"]):
-        interval = guidance_interval(r["model"])
-        label = "every noise level" if interval is None else f"sigma in ({interval.replace(',', ', ')}]"
-        curves.setdefault(label, []).append((r["guidance_scale"], r["fid_inception"], r["class_accuracy"]))
-    return curves
+    for r in rows:
+        if r["fid_inception"] is None or r["model"] not in dict(GROUPS["guidance"][2]):
+            continue
+        autoguidance, interval, w = row_guidance(r["model"])
+        label = ("every noise level" if interval is None else f"sigma in ({interval[0]:g}, {interval[1]:g}]")
+        label = (f"autoguidance w {autoguidance:g} + classifier-free, " if autoguidance else "classifier-free, ") + label
+        curves.setdefault(label, []).append((w, r["fid_inception"], r["class_accuracy"]))
+    return {label: sorted(points) for label, points in curves.items()}
 
 
 def write_table(rows: list, path: str, where: str) -> None:
@@ -131,8 +151,8 @@ def write_table(rows: list, path: str, where: str) -> None:
     lines = ["# Samplers and guidance", "",
              f"`python -m tools.samplers` on {where}: each row draws {n:,} images from the model of its table with "
              "the sampler of its row, which `eval.py` scores against the MNIST training set, beside the real MNIST "
-             f"test split at the same N. Network calls are counted per image (guidance calls the network twice, "
-             "inside its interval only).", ""]
+             f"test split at the same N. Network calls are counted per image (each guidance term calls the network "
+             "once more, inside its interval only).", ""]
     for group, (_, what, _) in GROUPS.items():
         chosen = [r for r in rows if r["group"] == group]
         if chosen:
@@ -142,7 +162,8 @@ def write_table(rows: list, path: str, where: str) -> None:
             plot = os.path.splitext(path)[0] + "_guidance.png"
             plot_guidance_curves(guidance_curves(chosen), best["floor"]["fid_inception"], CLASS_ACCURACY_GOAL,
                                  best["num_samples"], plot)
-            lines += [f"The lowest fid_inception at class accuracy >= {CLASS_ACCURACY_GOAL}: {best['model']} "
+            lines += [f"The lowest fid_inception at class accuracy >= {CLASS_ACCURACY_GOAL} by one standard error: "
+                      f"{best['model']} "
                       f"({fmt(best['fid_inception'], 2)}, class accuracy {fmt(best['class_accuracy'], 4)}).", "",
                       f"![fid_inception and class accuracy against w]({os.path.basename(plot)})", ""]
     write_text(path, "\n".join(lines))
@@ -157,8 +178,9 @@ def main(argv=None):
         source, _, specs = GROUPS[group]
         source = args.model or source
         methods = methods_of(source)
-        # A group's table names one model: rows of another, which this model may not re-score, go.
-        rows = [r for r in rows if r["group"] != group or r["source"] == source]
+        # A group's table names one model and its rows: rows of another model, which this one may not re-score,
+        # and rows the group no longer has (scored on a file since replaced) go.
+        rows = [r for r in rows if r["group"] != group or (r["source"] == source and r["model"] in dict(specs))]
         for i, (label, flags) in enumerate(specs):
             if args.missing and any((r["group"], r["model"]) == (group, label) for r in rows):
                 continue
