@@ -106,9 +106,42 @@ def test_the_guidance_table_names_the_best_scale_that_keeps_the_class(tmp_path):
         "autoguidance w 1 + classifier-free, sigma in (0.3, 5]": [(0, 4.0, 0.987), (0.1, 4.5, 0.992), (0.2, 5.5, 0.995)]}
     table = tmp_path / "t.md"
     samplers.write_table(rows, str(table), "a test")
-    assert f"by one standard error: {best} (5.50, class accuracy 0.9950)" in table.read_text()
+    assert f"by one standard error: {best} (5.50, class accuracy 0.9950 at N=1,000)" in table.read_text()
     assert (tmp_path / "t_guidance.png").read_bytes()[:4] == b"\x89PNG"
     assert samplers.best_guidance([row("unguided", 5.0, 0.97)]) is None
+
+
+def test_guidance_rows_within_the_error_are_confirmed_at_more_images(tmp_path, monkeypatch):
+    """A row that would be the best but reaches 0.99 only within its standard error at N=1,000 is drawn again
+    at --confirm_samples, the lowest fid_inception first; the accuracy at that N decides, and the search
+    stops at the first confirmed row that keeps the class."""
+    floor = {k: 1.0 for k in samplers.METRICS}
+
+    def row(label, fid, accuracy, n=1000):
+        return dict({k: 0.5 for k in samplers.METRICS}, model=label, group="guidance", source="pretrained:conditional",
+                    num_samples=n, sampler=label, network_evaluations=40, sampling_seconds=1.0, date="2026-12-04",
+                    inception=n == 1000, floor=floor, fid_inception=fid, class_accuracy=accuracy)
+    cf = "autoguidance w 1 + classifier-free w {}, sigma in (0.3, 5]".format
+    rows = [row("autoguidance w 1, sigma in (0.3, 5]", 4.0, 0.987), row(cf(0.1), 4.5, 0.992),
+            row(cf(0.2), 4.8, 0.991), row(cf(0.3), 5.5, 0.995), row("classifier-free w 1", 9.0, 0.992)]
+    assert [r["model"] for r in samplers.to_confirm(rows)] == [cf(0.1), cf(0.2)]  # not w 1: 9.0 is above 5.5
+    at_10k = {cf(0.1): 0.988, cf(0.2): 0.9925}
+    drawn = []
+
+    def score(name, source, args, flags):
+        label = next(label for label, f in samplers.GROUPS["guidance"][2] if f == flags)
+        drawn.append((label, args.num_samples, args.no_inception))
+        return row(label, None, at_10k[label], args.num_samples)
+    monkeypatch.setattr(samplers, "score", score)
+    args = samplers.build_parser().parse_args(["--table", str(tmp_path / "t.md")])
+    rows = samplers.confirm(rows, str(tmp_path / "t.json"), args)
+    assert drawn == [(cf(0.1), 10_000, True), (cf(0.2), 10_000, True)]
+    assert samplers.best_guidance(rows)["model"] == cf(0.2) and samplers.to_confirm(rows) == []
+    assert json.loads((tmp_path / "t.json").read_text())["rows"][2]["confirmed"]["class_accuracy"] == 0.9925
+    samplers.write_table(rows, str(tmp_path / "t.md"), "a test")
+    text = (tmp_path / "t.md").read_text()
+    assert f"by one standard error: {cf(0.2)} (4.80, class accuracy 0.9925 at N=10,000)" in text
+    assert f"| {cf(0.1)} | 0.50 | 0.500 | 0.500 | 0.9880 |" in text
 
 
 @pytest.mark.unit
