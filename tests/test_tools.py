@@ -5,7 +5,7 @@ import shlex
 import pytest
 
 import config
-from conftest import run_training
+from conftest import exits_2, run_training
 from tools import samplers, sweep
 
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def test_the_guidance_table_names_the_best_scale_that_keeps_the_class(tmp_path):
     assert samplers.best_guidance([row("unguided", 5.0, 0.97)]) is None
 
 
-def test_guidance_rows_within_the_error_are_confirmed_at_more_images(tmp_path, monkeypatch):
+def test_guidance_rows_within_the_error_are_confirmed_at_more_images(tmp_path, monkeypatch, capsys):
     """A row that would be the best but reaches 0.99 only within its standard error at N=1,000 is drawn again
     at --confirm_samples, the lowest fid_inception first; the accuracy at that N decides, and the search
     stops at the first confirmed row that keeps the class."""
@@ -142,6 +142,9 @@ def test_guidance_rows_within_the_error_are_confirmed_at_more_images(tmp_path, m
     text = (tmp_path / "t.md").read_text()
     assert f"by one standard error: {cf(0.2)} (4.80, class accuracy 0.9925 at N=10,000)" in text
     assert f"| {cf(0.1)} | 0.50 | 0.500 | 0.500 | 0.9880 |" in text
+    for bad in ("500", "-1"):  # a confirmation must draw more images than the row it confirms
+        exits_2(capsys, lambda: samplers.main(["--only", "none", "--confirm_samples", bad, "--table",
+                                               str(tmp_path / "t.md")]), "--confirm_samples must be 0")
 
 
 @pytest.mark.unit

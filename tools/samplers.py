@@ -16,7 +16,7 @@ import math
 import os
 
 from checkpoint import build_diffusion, load_checkpoint, pretrained_path
-from cli import ArgumentParser, guarded
+from cli import ArgumentParser, UserError, guarded
 from fileio import write_json, write_text
 from sampling import add_sampling_args
 from tools.results import METRICS, pretrained_kind, score, table_lines
@@ -223,6 +223,9 @@ def confirm(rows: list, rows_path: str, args) -> list:
 @guarded
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.confirm_samples and args.confirm_samples <= args.num_samples:
+        raise UserError(f"--confirm_samples must be 0 (none) or more than --num_samples ({args.num_samples}), "
+                        f"got {args.confirm_samples}")
     groups = choose(args.only, GROUPS, "groups")
     rows_path, rows = load_rows(args.table)
     for group in groups:
