@@ -1,6 +1,7 @@
 """What a training run writes besides its checkpoints, on rank 0: sample grids, plots, TensorBoard
 scalars and hyperparameters, and the evaluations whose fid_mnist chooses best_model.pth. None of it
 may cost the run: `survive` reports a failure and lets training go on."""
+import dataclasses
 import os
 import sys
 
@@ -11,19 +12,16 @@ from torch.utils.tensorboard.summary import hparams
 import utils
 from data import to_model_range, to_uint8
 from runtime import autocast
-from sampling import default_labels, digit_rows, generate, is_conditional, sampler_settings
+from sampling import default_labels, digit_rows, generate, is_conditional
 
 
 class RunArtefacts:
-    def __init__(self, args, exp_dir: str, ema, guide, diffusion, evaluator, writer, device, pad: int):
-        """`ema` is the network to sample (updated in place by the trainer) with the sampler of --sample_method
-        and the run's guidance; `guide()` the network autoguidance steers away from (None: none yet, and
-        classifier-free guidance or none); `evaluator` a metrics.Evaluator (None: no evaluations); `pad` the
-        border train.py adds to 28x28 digits."""
+    def __init__(self, args, exp_dir: str, ema, guide, diffusion, spec, evaluator, writer, device, pad: int):
+        """`ema` is the network to sample (updated in place by the trainer) with the run's `spec`; `guide()` the
+        network its autoguidance steers away from (None: not taken yet, and no autoguidance until it is);
+        `evaluator` a metrics.Evaluator (None: no evaluations); `pad` the border train.py adds to 28x28 digits."""
         self.args, self.exp_dir, self.ema, self.guide, self.diffusion = args, exp_dir, ema, guide, diffusion
-        self.evaluator, self.writer, self.device, self.pad = evaluator, writer, device, pad
-        self.sampler = sampler_settings(diffusion, args.sample_method, args.sample_steps, args.sample_eta,
-                                        args.guidance_scale, args.guidance_interval, args.guide_snapshot > 0)
+        self.spec, self.evaluator, self.writer, self.device, self.pad = spec, evaluator, writer, device, pad
 
     def survive(self, what: str, work, step: int):
         """work(), or None with a warning on stderr and in TensorBoard if it fails for any reason but a stop."""
@@ -36,10 +34,11 @@ class RunArtefacts:
             return None
 
     def generate(self, n: int, labels=None) -> torch.Tensor:
-        args = self.args
-        return generate(self.ema, self.diffusion, n, self.sampler, labels=labels, batch_size=max(args.batch_size, 100),
+        args, guide = self.args, self.guide()
+        spec = self.spec if guide is not None else dataclasses.replace(self.spec, autoguidance_scale=0.0)
+        return generate(self.ema, self.diffusion, n, spec, labels=labels, batch_size=max(args.batch_size, 100),
                         seed=args.seed, device=self.device, amp=args.amp, compile_mode=args.compile,
-                        channels_last=args.channels_last, guide_model=self.guide())
+                        channels_last=args.channels_last, guide_model=guide)
 
     def write_samples(self, step: int, epoch: int) -> str:
         """A grid ten images wide: 10x10, or one row per class for a conditional model."""

@@ -4,24 +4,22 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
 `torch.load(..., weights_only=True)`: no pickled objects, nothing executed on load.
 
     format, version        identify the file
-    model_config           UNet / ConditionalUNet keyword arguments
-    diffusion_config       GaussianDiffusion keyword arguments
+    model_config           the network: ModelConfig's fields, and num_classes for a conditional one
+    diffusion_config       DiffusionConfig's fields: the formulation and its settings
     conditional            bool
     model, ema             state dicts (EMA weights are the ones to sample from)
     step, epoch            training progress
     train_state            optimizer, LR schedule, AMP scaler, RNG states (for exact resume)
     config                 the training run's full configuration
-    guidance_scale         optional: the classifier-free guidance a conditional model samples with by
-                           default, in place of the run's --guidance_scale (set by checkpoint.py)
-    guidance_interval      optional: likewise for --guidance_interval
-    class_guidance         optional: a conditional model with a guide: the w of the classifier-free term its
-                           autoguidance adds by default (set by checkpoint.py)
+    sampling               the SamplingSpec the file samples with by default: the run's sampler and guidance,
+                           or what `python checkpoint.py` gave its copy
     ema_dtype              optional: "bfloat16" when a sampling copy stores its EMA weights so (half the
                            size); they load back into the fp32 network
-    guide                  optional: {model_config, ema, step}, a weaker network of the same kind that
-                           guidance_scale steers away from (autoguidance) in place of the null class (an
-                           unconditional model's guidance_scale needs one): the run's --guide_snapshot, or
-                           the --guide_model of a sampling copy
+    guide                  optional: {model_config, ema, step}, the weaker network of the same kind that
+                           autoguidance steers away from: the run's --guide_snapshot, or the --guide_model of
+                           a sampling copy
+
+Files of version 1 have no `sampling`; `upgrade` gives them one in memory at every load.
 
 A sampling copy (`python checkpoint.py last.pth model.pt`) keeps the same format without `model` and
 `train_state`: a quarter of the size, enough for inference.py and eval.py, not for --resume. The two
@@ -34,35 +32,40 @@ import pickle
 
 import torch
 
-from cli import ArgumentParser, UserError, float_list, guarded
-from conditional_ddpm import ConditionalUNet, check_guidance_interval, check_guidance_scale
-from ddpm_model import GaussianDiffusion, LossConfig, NoiseLevelConfig, UNet
-from edm import KarrasDiffusion
+from cli import ArgumentParser, UserError, add_fields, guarded
+from conditional_ddpm import ConditionalUNet
+from config import create_model_and_diffusion, stored_configs
+from diffusion import SamplingSpec, check_sampling
 from fileio import atomic_write, read_checksums, sha256_file
 
-FORMAT, VERSION = "ddpm-mnist-checkpoint", 1
+FORMAT, VERSION = "ddpm-mnist-checkpoint", 2
 REQUIRED_KEYS = ("model_config", "diffusion_config", "conditional", "ema", "step")
 TRAINING_KEYS = ("model", "train_state")  # absent from a sampling copy
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 PRETRAINED = {"unconditional": "ddpm_mnist_unconditional.pt", "conditional": "ddpm_mnist_conditional.pt"}
-# What a network's output means is set by its diffusion_config less these, which only shape its training.
-TRAINING_ONLY = {f.name for f in dataclasses.fields(NoiseLevelConfig) + dataclasses.fields(LossConfig)} | {
-    "timestep_sampling"}
+# What a network's output means is its diffusion_config less these, which only shape its training.
+TRAINING_ONLY = ("p_mean", "p_std", "range_loss", "timestep_sampling", "min_snr_gamma")
 
 
 class CheckpointError(UserError):
     """A file that cannot be used as a checkpoint; the message names the file and the problem."""
 
 
-def save_checkpoint(path: str, model: torch.nn.Module, ema: torch.nn.Module, diffusion: GaussianDiffusion,
-                    step: int = 0, epoch: int = 0, train_state: dict | None = None,
-                    config: dict | None = None, guide: dict | None = None) -> None:
-    """`guide`: {model_config, ema, step} of the network autoguidance steers away from (None: none)."""
-    state = dict(format=FORMAT, version=VERSION, model_config=dict(model.config),
-                 diffusion_config=dict(diffusion.config), conditional=isinstance(model, ConditionalUNet),
+def plain(value):
+    """Lists, dicts and numbers only (tuples become lists), which weights_only loading and JSON both take."""
+    return json.loads(json.dumps(value))
+
+
+def save_checkpoint(path: str, model: torch.nn.Module, ema: torch.nn.Module, diffusion, sampling: SamplingSpec,
+                    step: int = 0, epoch: int = 0, train_state: dict | None = None, config: dict | None = None,
+                    guide: dict | None = None) -> None:
+    """`sampling`: the spec the file samples with by default; `guide`: {model_config, ema, step} of the network
+    autoguidance steers away from (None: none)."""
+    state = dict(format=FORMAT, version=VERSION, model_config=model_config_of(model),
+                 diffusion_config=dataclasses.asdict(diffusion.config), conditional=isinstance(model, ConditionalUNet),
                  model=model.state_dict(), ema=ema.state_dict(), step=int(step), epoch=int(epoch),
-                 train_state=train_state or {},
-                 config=json.loads(json.dumps(config or {})))  # plain types only, or weights_only loading fails
+                 train_state=train_state or {}, config=plain(config or {}),
+                 sampling=plain(dataclasses.asdict(sampling)))
     if guide is not None:
         state["guide"] = guide
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -98,6 +101,50 @@ def load_checkpoint(path: str, conditional: bool | None = None, map_location="cp
         raise CheckpointError(f"{path} is {kind} checkpoint; use it with {script}")
     if training and not all(ckpt.get(k) for k in TRAINING_KEYS):
         raise CheckpointError(f"{path} holds only the EMA weights for sampling; continuing a run needs its last.pth")
+    try:
+        return upgrade(ckpt)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def model_config_entry(network, num_classes: int | None) -> dict:
+    """A checkpoint's `model_config`: ModelConfig's fields, and num_classes for a conditional network."""
+    return plain(dict(dataclasses.asdict(network), **({} if num_classes is None else {"num_classes": num_classes})))
+
+
+def model_config_of(model: torch.nn.Module) -> dict:
+    return model_config_entry(model.config, model.num_classes if isinstance(model, ConditionalUNet) else None)
+
+
+def upgrade(ckpt: dict) -> dict:
+    """A checkpoint of an earlier version as this version writes it, in memory (a file is never rewritten);
+    ValueError for a setting this version does not take.
+
+    Version 1 stored each configuration in the form of its day, and no `sampling`. Its default sampler was
+    its run's --sample_method, --sample_steps and --sample_eta; its guidance the file's own guidance_scale,
+    guidance_interval and class_guidance, else the flags of a run that guided (a conditional one, or one with
+    --guide_snapshot); and its guidance_scale meant autoguidance on a file that holds a guide, classifier-free
+    guidance on any other. The only code that reads those."""
+    network, num_classes, diffusion = stored_configs(ckpt["model_config"], ckpt["diffusion_config"])
+    if ckpt.get("version", 1) >= 2:
+        return ckpt
+    ckpt = dict(ckpt, version=VERSION, model_config=model_config_entry(network, num_classes),
+                diffusion_config=dataclasses.asdict(diffusion))
+    if "guide" in ckpt:
+        guide_network, _, _ = stored_configs(ckpt["guide"]["model_config"], ckpt["diffusion_config"])
+        ckpt["guide"] = dict(ckpt["guide"], model_config=model_config_entry(guide_network, num_classes))
+    own = {k: ckpt.pop(k) for k in ("guidance_scale", "guidance_interval", "class_guidance") if k in ckpt}
+    run = ckpt["config"].get("args", {})
+    conditional, guided = ckpt["conditional"], "guide" in ckpt
+    flags = run if conditional or run.get("guide_snapshot") else {}  # an unguided run's guidance_scale was unused
+    scale = own.get("guidance_scale", flags.get("guidance_scale", 0.0)) if conditional or guided else 0.0
+    interval = own.get("guidance_interval", flags.get("guidance_interval")) if conditional or guided else None
+    method = run.get("sample_method", SamplingSpec.method)
+    spec = SamplingSpec(method=method, steps=run.get("sample_steps"),
+                        eta=None if method == "ddpm" else run.get("sample_eta"),  # ddpm took no eta then
+                        guidance_scale=own.get("class_guidance", 0.0) if guided else scale,
+                        autoguidance_scale=scale if guided else 0.0, guidance_interval=interval)
+    ckpt["sampling"] = plain(dataclasses.asdict(check_sampling(spec, diffusion.levels, conditional, guided)))
     return ckpt
 
 
@@ -106,12 +153,18 @@ def guide_entry(model_config: dict, ema: dict, step: int) -> dict:
     return dict(model_config=dict(model_config), ema=ema, step=int(step))
 
 
-def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_interval=None, bf16: bool = False,
-                  guide: dict | None = None, class_guidance: float | None = None) -> dict:
-    """The checkpoint without what only training needs: the raw weights and the optimizer state;
-    `guidance_scale`, `guidance_interval` and `class_guidance`, if given, become the copy's default guidance
-    (the run's record stays as it was); `bf16` stores the EMA's floating-point weights in bfloat16 (the
-    guide's too); `guide`, a checkpoint from load_guide, goes in as the network autoguidance steers away from."""
+def default_spec(ckpt: dict) -> SamplingSpec:
+    """The spec a checkpoint samples with unless told otherwise."""
+    spec = ckpt["sampling"]
+    interval = spec["guidance_interval"]
+    return SamplingSpec(**dict(spec, guidance_interval=None if interval is None else tuple(interval)))
+
+
+def sampling_copy(ckpt: dict, overrides: dict | None = None, bf16: bool = False, guide: dict | None = None) -> dict:
+    """The checkpoint without what only training needs: the raw weights and the optimizer state. `overrides`
+    (SamplingSpec fields; None keeps the checkpoint's) set the copy's default spec; `bf16` stores the EMA's
+    floating-point weights in bfloat16 (the guide's too); `guide`, a checkpoint from load_guide, goes in as the
+    network autoguidance steers away from. ValueError for a spec the copy cannot sample with."""
     copy = {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
     if guide is not None:
         copy["guide"] = guide_entry(guide["model_config"], guide["ema"], guide["step"])
@@ -121,21 +174,17 @@ def sampling_copy(ckpt: dict, guidance_scale: float | None = None, guidance_inte
         if "guide" in copy:
             copy["guide"] = dict(copy["guide"], ema=to_bf16(copy["guide"]["ema"]))
         copy["ema_dtype"] = "bfloat16"
-    if (guidance_scale, guidance_interval) != (None, None) and not (ckpt["conditional"] or "guide" in copy):
-        raise UserError("--guidance_scale and --guidance_interval are for conditional models, or a --guide_model")
-    if class_guidance is not None and not (ckpt["conditional"] and "guide" in copy):
-        raise UserError("--class_guidance is the classifier-free term beside autoguidance: it needs a conditional "
-                        "model and the guide it holds (or --guide_model)")
-    try:
-        if guidance_scale is not None:
-            copy["guidance_scale"] = float(check_guidance_scale(guidance_scale))
-        if guidance_interval is not None:
-            copy["guidance_interval"] = list(check_guidance_interval(guidance_interval))
-        if class_guidance is not None:
-            copy["class_guidance"] = float(check_guidance_scale(class_guidance, "--class_guidance"))
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    levels = stored_configs(ckpt["model_config"], ckpt["diffusion_config"])[2].levels
+    spec = check_sampling(default_spec(ckpt).overridden(**(overrides or {})), levels, ckpt["conditional"],
+                          "guide" in copy)
+    copy["sampling"] = plain(dataclasses.asdict(spec))
     return copy
+
+
+def sampled_process(ckpt: dict) -> dict:
+    """What a network's output means: its diffusion configuration less the settings of its training."""
+    config = dataclasses.asdict(stored_configs(ckpt["model_config"], ckpt["diffusion_config"])[2])
+    return {k: v for k, v in config.items() if k not in TRAINING_ONLY}
 
 
 def load_guide(ckpt: dict, path: str) -> dict:
@@ -143,9 +192,8 @@ def load_guide(ckpt: dict, path: str) -> dict:
     autoguidance mixes the two networks' outputs, so both must be of the same kind and process and see the
     same images."""
     guide = load_checkpoint(path)
-    shape = ("in_channels", "out_channels", "image_size", "num_classes")
-    process = [{k: v for k, v in c["diffusion_config"].items() if k not in TRAINING_ONLY} for c in (ckpt, guide)]
-    if (guide["conditional"] != ckpt["conditional"] or process[0] != process[1]
+    shape = ("in_channels", "image_size", "num_classes")
+    if (guide["conditional"] != ckpt["conditional"] or sampled_process(guide) != sampled_process(ckpt)
             or any(guide["model_config"].get(k) != ckpt["model_config"].get(k) for k in shape)):
         raise CheckpointError(f"{path} cannot guide this model: autoguidance needs a model of the same kind "
                               "(conditional or not), formulation, noise process and image shape")
@@ -158,25 +206,9 @@ def guide_from_checkpoint(ckpt: dict, path: str | None = None) -> torch.nn.Modul
     guide = load_guide(ckpt, path) if path is not None else ckpt.get("guide")
     if guide is None:
         return None
-    model = build_model(guide["model_config"], ckpt["conditional"])
+    model, _ = create_model_and_diffusion(guide["model_config"], ckpt["diffusion_config"])
     model.load_state_dict(guide["ema"])
     return model.eval()
-
-
-def default_guidance(ckpt: dict) -> tuple:
-    """(scale, interval, class scale) a checkpoint samples with unless told otherwise: its own, else its
-    run's; (0, None, 0) for an unconditional model without a guide. The class scale (a classifier-free
-    term beside autoguidance) is a sampling copy's only. An unconditional run's flags count only if it took a
-    --guide_snapshot: otherwise its guidance_scale was never used (a guide given to its copy later starts at
-    w 0). The interval is None (guide at every noise level) before there was one."""
-    if not (ckpt["conditional"] or "guide" in ckpt):
-        return 0.0, None, 0.0
-    run = ckpt["config"].get("args", {})
-    if not (ckpt["conditional"] or run.get("guide_snapshot")):
-        run = {}
-    interval = ckpt.get("guidance_interval", run.get("guidance_interval"))
-    return (ckpt.get("guidance_scale", run.get("guidance_scale", 0.0)), None if interval is None else tuple(interval),
-            ckpt.get("class_guidance", 0.0))
 
 
 def pretrained_path(kind: str) -> str:
@@ -192,49 +224,28 @@ def pretrained_path(kind: str) -> str:
     return path
 
 
-def build_model(model_config: dict, conditional: bool) -> torch.nn.Module:
-    config = dict(model_config)
-    if conditional:
-        return ConditionalUNet(**config)
-    config.pop("num_classes", None)
-    return UNet(**config)
-
-
-def build_diffusion(diffusion_config: dict):
-    """The process of a diffusion_config: KarrasDiffusion for the continuous formulations, else (the
-    checkpoints of the seed included, which have no formulation) GaussianDiffusion."""
-    if diffusion_config.get("formulation", "ddpm") == "ddpm":
-        return GaussianDiffusion(**diffusion_config)
-    return KarrasDiffusion(**diffusion_config)
-
-
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True):
     """(model, diffusion) ready to sample from, on the CPU, in eval mode."""
     if not use_ema and "model" not in ckpt:
         raise CheckpointError("this checkpoint holds only the EMA weights (a sampling copy); --no_ema needs a run's "
                               "last.pth or best_model.pth")
-    model = build_model(ckpt["model_config"], ckpt["conditional"])
+    model, diffusion = create_model_and_diffusion(ckpt["model_config"], ckpt["diffusion_config"])
     model.load_state_dict(ckpt["ema" if use_ema else "model"])  # into fp32 parameters, whatever the stored dtype
-    return model.eval(), build_diffusion(ckpt["diffusion_config"])
+    return model.eval(), diffusion
 
 
 @guarded
 def main(argv=None):
     p = ArgumentParser(description="Write the sampling copy of a checkpoint: EMA weights, model and diffusion "
-                                   "config, the run's configuration; no optimizer state.")
+                                   "config, the run's configuration and the default sampling spec; no optimizer "
+                                   "state.")
     p.add_argument("checkpoint", help="a last.pth or best_model.pth")
     p.add_argument("output", help="the file to write (refused if it exists)")
-    p.add_argument("--guidance_scale", type=float, default=None,
-                   help="the guidance the copy samples with by default (conditional models, or with "
-                        "--guide_model; default: the run's)")
-    p.add_argument("--guidance_interval", type=float_list, default=None, metavar="LO,HI",
-                   help="the noise levels it guides at by default (default: the run's)")
-    p.add_argument("--class_guidance", type=float, default=None, metavar="W",
-                   help="a conditional model with a guide: the w of the classifier-free term its autoguidance adds by "
-                        "default (default: none)")
+    add_fields(p.add_argument_group("the copy's default sampling spec (unset: the checkpoint's)"), SamplingSpec,
+               unset=True)
     p.add_argument("--guide_model", default=None, metavar="PATH",
-                   help="a weaker checkpoint of the same kind (fewer steps, or a smaller network) for the copy to hold: "
-                        "its guidance then steers away from that network (autoguidance) instead of the null class")
+                   help="a weaker checkpoint of the same kind (fewer steps, or a smaller network) for the copy to "
+                        "hold: the network its autoguidance steers away from")
     p.add_argument("--bf16", action="store_true", help="store the EMA weights in bfloat16: half the size; they load "
                                                        "back into the fp32 network")
     args = p.parse_args(argv)
@@ -242,7 +253,11 @@ def main(argv=None):
         raise UserError(f"{args.output} exists; remove it or choose another name")
     ckpt = load_checkpoint(args.checkpoint)
     guide = load_guide(ckpt, args.guide_model) if args.guide_model else None
-    copy = sampling_copy(ckpt, args.guidance_scale, args.guidance_interval, args.bf16, guide, args.class_guidance)
+    try:
+        copy = sampling_copy(ckpt, {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingSpec)},
+                             args.bf16, guide)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     atomic_write(args.output, lambda tmp: torch.save(copy, tmp))
     print(f"{args.output}: {os.path.getsize(args.output) / 1e6:.2f} MB, sha256 {sha256_file(args.output)}")
 

@@ -1,9 +1,13 @@
-"""What every command line here shares: one argparse setup, one-line errors with exit code 2, checks of
-output paths before any work, and the speed flags (--amp, --compile, --channels_last)."""
+"""What every command line here shares: one argparse setup, one-line errors with exit code 2, flags declared
+on the dataclass fields they set, checks of output paths before any work, and the speed flags (--amp,
+--compile, --channels_last)."""
 import argparse
 import copy
+import dataclasses
 import os
 import sys
+import types
+import typing
 
 from fileio import WriteError
 
@@ -42,6 +46,47 @@ def float_list(text: str) -> tuple:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"comma-separated numbers expected, got {text!r}") from None
+
+
+def int_list(text: str) -> tuple:
+    """A comma-separated flag value as a tuple of integers."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from None
+
+
+def flag(default, help: str, choices=None, metavar: str | None = None, aliases: tuple = ()):
+    """A dataclass field that is also a command-line flag: its default, help, choices and metavar are
+    written here, once, beside the field they set (add_fields turns them into flags)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, metavar=metavar,
+                                                            aliases=aliases))
+
+
+def flag_value(value) -> str:
+    """A value as it is typed on the command line (and shown in --help): tuples comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def add_fields(group, config_class, only=None, prefix: str = "", defaults: dict | None = None,
+               unset: bool = False) -> None:
+    """One flag --PREFIXNAME for each field of `config_class` declared with flag() (or each of `only`), with
+    its type, help, choices and metavar; its default is the field's unless `defaults` names another, or None
+    for every flag when `unset` (the value then comes from elsewhere, a checkpoint's say)."""
+    for f in dataclasses.fields(config_class):
+        if "help" not in f.metadata or (only is not None and f.name not in only):
+            continue
+        kind = f.type
+        if isinstance(kind, types.UnionType):  # X | None -> X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        is_list = typing.get_origin(kind) is tuple
+        default = None if unset else (defaults or {}).get(f.name, f.default)
+        if is_list and default is not None:
+            default = flag_value(default)  # parsed as if typed
+        names = [f"--{prefix}{f.name}", *f.metadata["aliases"]]
+        group.add_argument(*names, dest=prefix + f.name, default=default, help=f.metadata["help"],
+                           type={int: int_list, float: float_list}[typing.get_args(kind)[0]] if is_list else kind,
+                           choices=f.metadata["choices"], metavar=f.metadata["metavar"])
 
 
 def fail(message: str):

@@ -1,143 +1,71 @@
-"""The training configuration: every flag of train.py and train_conditional.py with its default and help,
-the named presets, the checks a command line must pass, and the model and process configurations a run
-builds. Defaults live in dataclasses (the maths modules' own for the network and the processes); the
-wording of the flags lives here, with the command line."""
+"""The configuration of a training run and the one factory of model and diffusion.
+
+Every flag of train.py and train_conditional.py is a field of a dataclass, declared with its default and help
+beside it: the run's own here, the network's (ModelConfig) in ddpm_model.py, the formulation's
+(DiffusionConfig) and the sampler's (SamplingSpec) in diffusion.py. Here too: the named presets, the checks a
+command line must pass (which build nothing), and create_model_and_diffusion, which builds a network and its
+diffusion from a configuration as a checkpoint stores it.
+"""
 import argparse
 import copy
 import dataclasses
 import sys
-import types
-import typing
 from dataclasses import dataclass
 
-import edm
-from checkpoint import build_diffusion
-from cli import ArgumentParser, add_speed_args, float_list
-from conditional_ddpm import check_guidance_interval, check_guidance_scale
-from ddpm_model import (
-    ACTIVATIONS,
-    BETA_SCHEDULES,
-    PREDICTIONS,
-    RANGE_LOSSES,
-    TIMESTEP_SAMPLING,
-    DiffusionConfig,
-    LossConfig,
-    ModelConfig,
-    NoiseLevelConfig,
-)
-from ddpm_model import METHODS as DDPM_METHODS
-from edm import KarrasConfig
+from cli import ArgumentParser, add_fields, add_speed_args, flag, flag_value
+from conditional_ddpm import ConditionalUNet
+from ddpm_model import ModelConfig, UNet
+from diffusion import DiffusionConfig, SamplingSpec, check_diffusion, check_sampling, create_diffusion
+from runtime import DEVICE_HELP
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     """The run, the optimiser and the run's length, checkpoints and evaluations."""
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 2e-4
-    device: str = "auto"
-    experiment_name: str | None = None
-    output_dir: str = "checkpoints"
-    data_dir: str = "./data"
-    save_freq: int = 10
-    eval_freq: int = 5
-    save_every_minutes: float = 10.0
-    resume: str | None = None
-    seed: int = 0
-    ema_decay: float = 0.9999
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    warmup_steps: int = 500
-    min_snr_gamma: float = 0.0
-    max_steps: int | None = None
-    time_budget: float | None = None
-    log_every: int = 50
-    eval_samples: int = 1000
-
-
-@dataclass(frozen=True)
-class FormulationConfig:
-    formulation: str = "ddpm"
-
-
-@dataclass(frozen=True)
-class GridSamplerConfig:
-    """How the run's sample grids and evaluations sample (sampling.SamplerSettings once the model is known)."""
-    sample_method: str = "dpm_solver"
-    sample_steps: int | None = None
-    sample_eta: float | None = None
+    epochs: int = flag(100, "passes over the training set")
+    batch_size: int = flag(128, "the global batch (split among processes under torchrun)")
+    lr: float = flag(2e-4, "peak learning rate (AdamW)")
+    device: str = flag("auto", DEVICE_HELP)
+    experiment_name: str | None = flag(None, "the run's folder under --output_dir; None: a timestamped name")
+    output_dir: str = flag("checkpoints", "where run folders go")
+    data_dir: str = flag("./data", "holds MNIST/raw/ (shipped with the repository)")
+    save_freq: int = flag(10, "epochs between sample grids and last.pth")
+    eval_freq: int = flag(5, "epochs between evaluations (best_model.pth)")
+    save_every_minutes: float = flag(10.0, "also write last.pth after this much training time, mid-epoch too "
+                                           "(0: only at --save_freq)")
+    resume: str | None = flag(None, "a last.pth to continue exactly", metavar="PATH")
+    seed: int = flag(0, "the random seed: weights, data order, noise")
+    ema_decay: float = flag(0.9999, "with warm-up min(decay, (1+n)/(10+n))")
+    grad_clip: float = flag(1.0, "max gradient norm; 0 disables")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    warmup_steps: int = flag(500, "linear LR warm-up, then cosine to 0 at the end of the last epoch or of "
+                                  "--time_budget")
+    max_steps: int | None = flag(None, "stop after this many optimizer steps")
+    time_budget: float | None = flag(None, "stop after this long", metavar="MINUTES")
+    log_every: int = flag(50, "steps between loss reads (a host sync)")
+    eval_samples: int = flag(1000, "samples per evaluation")
 
 
 @dataclass(frozen=True)
 class ConditioningConfig:
     """train_conditional.py only."""
-    num_classes: int = 10
-    p_uncond: float = 0.1
+    num_classes: int = flag(10, "classes of the conditional model")
+    p_uncond: float = flag(0.1, "label dropout for classifier-free guidance")
 
 
 @dataclass(frozen=True)
-class GuidanceConfig:
-    """The guidance of the run's sample grids and evaluations, and the default of its checkpoints:
-    classifier-free for a conditional run, away from the --guide_snapshot network when the run takes one
-    (autoguidance, which an unconditional run needs for any guidance)."""
-    guidance_scale: float = 0.5
-    guidance_interval: tuple[float, ...] | None = None
-    guide_snapshot: float = 0.0
+class GuideConfig:
+    guide_snapshot: float = flag(0.0, "autoguidance (Karras et al. 2024): once this share of the run has passed (of "
+                                      "its epochs' steps, or of --time_budget), a copy of the EMA becomes the weaker "
+                                      "network --autoguidance_scale steers away from; every later checkpoint holds "
+                                      "it (0: none)", metavar="SHARE")
 
 
-FORMULATIONS = ("ddpm",) + edm.FORMULATIONS
-HELP = {
-    "batch_size": "the global batch (split among processes under torchrun)",
-    "lr": "peak learning rate (AdamW)",
-    "device": "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu",
-    "experiment_name": "default: a timestamped name",
-    "data_dir": "holds MNIST/raw/ (shipped with the repository)",
-    "save_freq": "epochs between sample grids and last.pth",
-    "eval_freq": "epochs between evaluations (best_model.pth)",
-    "save_every_minutes": "also write last.pth after this much training time, mid-epoch too (0: only at --save_freq)",
-    "resume": "a last.pth to continue exactly",
-    "ema_decay": "with warm-up min(decay, (1+n)/(10+n))",
-    "grad_clip": "max gradient norm; 0 disables",
-    "weight_decay": "AdamW weight decay",
-    "warmup_steps": "linear LR warm-up, then cosine to 0 at the end of the last epoch or of --time_budget",
-    "min_snr_gamma": "ddpm: Min-SNR-gamma loss weighting (Hang et al. 2023); 0 is the plain loss",
-    "max_steps": "stop after this many optimizer steps",
-    "time_budget": "stop after this long",
-    "log_every": "steps between loss reads (a host sync)",
-    "eval_samples": "samples per evaluation",
-    "model_channels": "width of the first level",
-    "channel_mult": "channel multiplier per resolution, comma-separated",
-    "num_res_blocks": "residual blocks per level",
-    "attention_resolutions": "feature-map sizes with self-attention; '' for none",
-    "image_size": "28 is native; larger even sizes pad the digits (32 to compare with 32x32-only models)",
-    "norm_groups": "the most groups a GroupNorm has (it keeps at least 4 channels a group; 1 is a layer norm)",
-    "formulation": "ddpm: the discrete process of --timesteps, --beta_schedule and --prediction; edm, flow: "
-                   "continuous noise levels (edm.py) of --sigma_data, --p_mean and --p_std",
-    "timesteps": "ddpm: diffusion steps T",
-    "beta_schedule": "ddpm: the noise schedule",
-    "prediction": "ddpm: what the network predicts",
-    "logsnr_shift": "ddpm: added to the schedule's log-SNR at every step; > 0 is less noise (for small images)",
-    "timestep_sampling": "ddpm: training timesteps uniform, or lognormal: at ln(sigma) ~ N(p_mean, p_std^2)",
-    "sigma_data": "edm: the data's scale in its preconditioning",
-    "range_loss": "one_sided leaves out the errors beyond the end of the data range a pixel's target sits at "
-                  "(the samplers clamp them away); same minimiser as the mse",
-    "p_mean": "edm, flow, ddpm's lognormal timesteps: training noise levels ln(sigma) ~ N(p_mean, p_std^2)",
-    "p_std": "see --p_mean",
-    "sample_method": "sampler for grids and evaluations (ddpm, ddim, dpm_solver; heun and dpm_solver_3m for edm "
-                     "and flow)",
-    "sample_steps": "its steps (default: the method's; ddpm takes all T)",
-    "sample_eta": "its injected noise (default: the method's)",
-    "p_uncond": "label dropout for classifier-free guidance",
-    "guidance_scale": "w for sample grids and evaluations (an unconditional run guides only with --guide_snapshot)",
-    "guidance_interval": "guide those only at noise levels sigma in (LO, HI] (default: all)",
-    "guide_snapshot": "autoguidance (Karras et al. 2024): once this share of the run has passed (of its epochs' "
-                      "steps, or of --time_budget), a copy of the EMA becomes the weaker network guidance steers "
-                      "away from; every later checkpoint holds it (0: none)",
-}
-CHOICES = {"activation": tuple(ACTIVATIONS), "beta_schedule": BETA_SCHEDULES, "prediction": PREDICTIONS,
-           "timestep_sampling": TIMESTEP_SAMPLING, "range_loss": RANGE_LOSSES,
-           "formulation": FORMULATIONS, "sample_method": tuple(dict.fromkeys(DDPM_METHODS + edm.METHODS))}
-METAVARS = {"resume": "PATH", "time_budget": "MINUTES", "guidance_interval": "LO,HI", "guide_snapshot": "SHARE"}
+# The run's sampler, for its grids, its evaluations and its checkpoints' default: SamplingSpec's fields, the
+# sampler's three as --sample_method, --sample_steps and --sample_eta (--steps would read as the run's length).
+SAMPLER_FIELDS = ("method", "steps", "eta")
+SPEC_FLAGS = {f.name: ("sample_" if f.name in SAMPLER_FIELDS else "") + f.name for f in dataclasses.fields(SamplingSpec)}
+CONDITIONAL_GUIDANCE = 0.5  # the classifier-free guidance of a conditional run's grids and checkpoints
 
 # A small model for machines without a GPU, the winner of tools/sweep.py (docs/cpu_recipe.md): flow matching
 # with logit-normal t on a 1.06M SiLU U-Net, 9.5 minutes of training, as many epochs as that allows, the
@@ -151,39 +79,11 @@ PRESETS = {
 }
 # What train.py's presets add: autoguidance by the run's own EMA at a fifth of the run (docs/cpu_recipe.md);
 # a conditional run guides classifier-free.
-UNCONDITIONAL_PRESETS = {"cpu": dict(guide_snapshot=0.2, guidance_scale=1.0, guidance_interval=(0.3, 5.0))}
+UNCONDITIONAL_PRESETS = {"cpu": dict(guide_snapshot=0.2, autoguidance_scale=1.0, guidance_interval=(0.3, 5.0))}
 # What a resumed run may change; everything else comes from the checkpoint's config.
 RESUME_OVERRIDES = ("epochs", "max_steps", "time_budget", "device", "save_freq", "eval_freq", "log_every",
                     "compile", "amp", "channels_last", "eval_samples", "save_every_minutes", "data_dir")
 MNIST_CLASSES = 10
-
-
-def int_list(text: str) -> tuple:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from None
-
-
-LIST_PARSERS = {int: int_list, float: float_list}
-
-
-def flag_value(value) -> str:
-    """A value as it is typed on the command line (and shown in --help): tuples comma-separated."""
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def add_fields(group, config_class) -> None:
-    """One flag per field of a configuration dataclass, with its type, default, and the help and choices above."""
-    for f in dataclasses.fields(config_class):
-        kind = f.type
-        if isinstance(kind, types.UnionType):  # X | None -> X
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        is_list = typing.get_origin(kind) is tuple
-        default = flag_value(f.default) if is_list and f.default is not None else f.default  # parsed as if typed
-        group.add_argument(f"--{f.name}", type=LIST_PARSERS[typing.get_args(kind)[0]] if is_list else kind,
-                           default=default, help=HELP.get(f.name), choices=CHOICES.get(f.name),
-                           metavar=METAVARS.get(f.name))
 
 
 def preset_values(name: str, conditional: bool) -> dict:
@@ -197,15 +97,17 @@ def build_parser(conditional: bool) -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named configuration; flags given on the command line override it. cpu: " + " ".join(
                        f"--{k} {flag_value(v) or repr('')}" for k, v in preset_values("cpu", conditional).items()))
-    groups = [("training", [TrainingConfig]), ("model", [ModelConfig]),
-              ("diffusion", [FormulationConfig, DiffusionConfig, KarrasConfig, NoiseLevelConfig, LossConfig]),
-              ("sample grids and evaluations", [GridSamplerConfig, GuidanceConfig])]
+    add_fields(p.add_argument_group("training"), TrainingConfig)
     if conditional:
-        groups.append(("conditioning", [ConditioningConfig]))
-    for title, config_classes in groups:
-        group = p.add_argument_group(title)
-        for config_class in config_classes:
-            add_fields(group, config_class)
+        add_fields(p.add_argument_group("conditioning"), ConditioningConfig)
+    add_fields(p.add_argument_group("model"), ModelConfig)
+    add_fields(p.add_argument_group("diffusion"), DiffusionConfig)
+    sampling = p.add_argument_group("sampling: the run's sample grids and evaluations, and its checkpoints' default")
+    add_fields(sampling, SamplingSpec, only=SAMPLER_FIELDS, prefix="sample_")
+    add_fields(sampling, SamplingSpec, only=("guidance_scale",) if conditional else (),
+               defaults={"guidance_scale": CONDITIONAL_GUIDANCE})
+    add_fields(sampling, SamplingSpec, only=("autoguidance_scale", "guidance_interval"))
+    add_fields(sampling, GuideConfig)
     add_speed_args(p.add_argument_group("speed"), "the network (training step and sampling)")
     return p
 
@@ -238,23 +140,18 @@ def parse_args(argv, conditional: bool) -> tuple[argparse.Namespace, set]:
         check(args, conditional)
     except ValueError as e:
         parser.error(str(e))
-    typed_guidance = sorted(given & {"guidance_scale", "guidance_interval"})
-    if typed_guidance and not conditional and not args.guide_snapshot:
-        parser.error(f"--{typed_guidance[0]} needs a network to guide away from: an unconditional run guides only "
-                     "with --guide_snapshot")
     return args, given
 
 
 def check(args, conditional: bool) -> None:
     """ValueError naming the first flag out of range."""
-    for name in ("epochs", "batch_size", "timesteps", "model_channels", "num_res_blocks", "save_freq",
-                 "eval_freq", "log_every"):
+    for name in ("epochs", "batch_size", "model_channels", "num_res_blocks", "save_freq", "eval_freq", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "grad_clip", "weight_decay", "warmup_steps", "min_snr_gamma", "save_every_minutes"):
+    for name in ("lr", "grad_clip", "weight_decay", "warmup_steps", "save_every_minutes"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
-    for name in ("dropout", "ema_decay"):
+    for name in ("dropout", "ema_decay", "guide_snapshot"):
         if not 0 <= getattr(args, name) < 1:
             raise ValueError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -266,19 +163,10 @@ def check(args, conditional: bool) -> None:
                          "integers")
     if args.image_size < 28 or args.image_size % 2:
         raise ValueError(f"--image_size must be an even number of at least 28, got {args.image_size}")
-    if args.formulation != "ddpm" and args.min_snr_gamma:
-        raise ValueError("--min_snr_gamma weights the ddpm loss; edm and flow carry their own weighting")
-    process = build_diffusion(diffusion_config(args))  # checks the process's own flags
-    try:
-        process.sampler_steps(args.sample_method, args.sample_steps)
-    except ValueError as e:
-        raise ValueError(f"--sample_method {args.sample_method} --sample_steps {args.sample_steps}: {e}") from None
-    if args.sample_eta is not None and args.sample_eta < 0:
-        raise ValueError(f"--sample_eta must not be negative, got {args.sample_eta}")
-    check_guidance_scale(args.guidance_scale)
-    check_guidance_interval(args.guidance_interval)
-    if not 0 <= args.guide_snapshot < 1:
-        raise ValueError(f"--guide_snapshot must be in [0, 1), got {args.guide_snapshot}")
+    diffusion = DiffusionConfig(**fields_of(args, DiffusionConfig))
+    check_diffusion(diffusion)
+    check_sampling(sampling_spec(args), diffusion.levels, conditional, has_guide=args.guide_snapshot > 0,
+                   flags={field: "--" + name for field, name in SPEC_FLAGS.items()})
     if conditional:
         if args.num_classes < MNIST_CLASSES:
             raise ValueError(f"--num_classes must be at least {MNIST_CLASSES}: MNIST has labels 0-9, got "
@@ -287,22 +175,49 @@ def check(args, conditional: bool) -> None:
             raise ValueError(f"--p_uncond must be in [0, 1], got {args.p_uncond}")
 
 
-def values(args, config_class) -> dict:
-    """The fields of `config_class` as the parsed flags `args` set them."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
+def fields_of(args, config_class) -> dict:
+    """The fields of `config_class` that the parsed flags `args` set."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
+
+
+def sampling_spec(args) -> SamplingSpec:
+    """The run's sampler, from its flags (an unconditional run's classifier-free scale is 0)."""
+    return SamplingSpec(**{field: getattr(args, name) for field, name in SPEC_FLAGS.items() if hasattr(args, name)})
+
+
+def spec_flags(spec: dict) -> dict:
+    """The run's flags that a checkpoint's sampling spec sets: what a resumed run takes back."""
+    return {SPEC_FLAGS[field]: tuple(value) if isinstance(value, list) else value for field, value in spec.items()}
+
+
+def model_config(args, conditional: bool) -> dict:
+    """The run's network, as checkpoints store it: ModelConfig's fields, and num_classes for a conditional one."""
+    config = dataclasses.asdict(ModelConfig(**fields_of(args, ModelConfig)))
+    return dict(config, num_classes=args.num_classes) if conditional else config
 
 
 def diffusion_config(args) -> dict:
-    """The keyword arguments of the run's process: GaussianDiffusion's (ddpm), else KarrasDiffusion's."""
-    noise_levels, loss = values(args, NoiseLevelConfig), values(args, LossConfig)
-    if args.formulation == "ddpm":
-        return {**values(args, DiffusionConfig), **(noise_levels if args.timestep_sampling == "lognormal" else {}), **loss}
-    return dict(formulation=args.formulation, **values(args, KarrasConfig), **noise_levels, **loss)
+    return dataclasses.asdict(DiffusionConfig(**fields_of(args, DiffusionConfig)))
 
 
-def model_config(args) -> dict:
-    """The keyword arguments of UNet, or of ConditionalUNet when the run is conditional."""
-    config = values(args, ModelConfig)
-    if getattr(args, "num_classes", None):
-        config["num_classes"] = args.num_classes
-    return config
+def stored_configs(model_config: dict, diffusion_config: dict) -> tuple:
+    """(ModelConfig, num_classes or None, DiffusionConfig) of a configuration as checkpoints store it, those of
+    earlier versions included; ValueError for a setting this version does not take. Builds nothing."""
+    model_config = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()}
+    num_classes = model_config.pop("num_classes", None)
+    if model_config.pop("out_channels", model_config.get("in_channels", 1)) != model_config.get("in_channels", 1):
+        raise ValueError("a network whose output channels differ from its input's is not one of this repository")
+    try:
+        network, diffusion = ModelConfig(**model_config), DiffusionConfig(**diffusion_config)
+    except TypeError as e:  # a field this version does not have
+        raise ValueError(f"unknown setting {str(e).split('argument ')[-1]}") from None
+    check_diffusion(diffusion)
+    return network, num_classes, diffusion
+
+
+def create_model_and_diffusion(model_config: dict, diffusion_config: dict):
+    """(network, diffusion) of a configuration as checkpoints store it: a ConditionalUNet when the model's has
+    num_classes, else a UNet (improved-diffusion's create_model_and_diffusion)."""
+    network, num_classes, diffusion = stored_configs(model_config, diffusion_config)
+    model = UNet(network) if num_classes is None else ConditionalUNet(network, num_classes)
+    return model, create_diffusion(diffusion)

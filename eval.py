@@ -163,7 +163,8 @@ def main(argv=None):
     settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), source=args.samples)
     labels, generation_seconds = None, 0.0
     if from_model:  # every input is checked before the evaluator's setup
-        loaded = load_model(args, [args.method])
+        loaded = load_model(args)
+        spec = next(iter(loaded.specs.values()))
         device = loaded.device
     else:
         device = pick_device(args.device)
@@ -176,19 +177,18 @@ def main(argv=None):
                               inception_logits=args.inception_logits)
     except ValueError as e:  # an unusable --inception_logits file
         raise UserError(str(e)) from None
+    sampling = None
     if from_model:
-        sampler = loaded.samplers[args.method]
-        settings.update(source=loaded.model_path, **dataclasses.asdict(sampler), sampler=sampler.describe(),
-                        formulation=loaded.formulation, seed=args.seed,
+        sampling = dataclasses.asdict(spec)
+        settings.update(source=loaded.model_path, sampler=spec.describe(),
+                        formulation=loaded.diffusion.config.formulation, seed=args.seed,
                         batch_size=loaded.batch_size, ema=not args.no_ema, step=loaded.ckpt["step"], amp=args.amp)
-        if not loaded.conditional and loaded.guide_model is None:
-            settings["guidance_scale"] = None
         if loaded.guide_model is not None:
             settings["guide_model"] = args.guide_model or f"the guide held by {loaded.model_path}"
         start = time.perf_counter()
         labels = default_labels(loaded.model, args.num_samples)
         stats = {}
-        x = generate(loaded.model, loaded.diffusion, args.num_samples, sampler, labels=labels,
+        x = generate(loaded.model, loaded.diffusion, args.num_samples, spec, labels=labels,
                      batch_size=loaded.batch_size, seed=args.seed, device=device, progress=True, amp=args.amp,
                      compile_mode=args.compile, channels_last=args.channels_last, stats=stats,
                      guide_model=loaded.guide_model)
@@ -205,8 +205,8 @@ def main(argv=None):
     floor = None if args.no_floor or args.real == "test" else evaluator.floor(len(images), inception=not args.no_inception)
 
     metrics = {k: result["metrics"][k] for k in REPORT_KEYS if k in result["metrics"]}  # the rest: "unavailable"
-    report = dict(metrics, unavailable=result["unavailable"], settings=settings, seconds=result["seconds"],
-                  details=result["details"], floor=floor["metrics"] if floor else None)
+    report = dict(metrics, unavailable=result["unavailable"], sampling=sampling, settings=settings,
+                  seconds=result["seconds"], details=result["details"], floor=floor["metrics"] if floor else None)
     fileio.write_json(os.path.join(save_dir, "metrics.json"), report)
     write_report(save_dir, result, floor, settings)
     utils.save_grid(images[:100], os.path.join(save_dir, "samples.png"), nrow=10)

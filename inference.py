@@ -19,13 +19,15 @@ import fileio
 import utils
 from cli import ArgumentParser, UserError, check_output_dir, check_output_file, guarded
 from data import to_uint8
-from ddpm_model import make_generator
-from sampling import ALL_METHODS, add_sampling_args, generate, load_model
+from diffusion import make_generator
+from sampling import add_sampling_args, generate, load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description="Generate images from a trained DDPM checkpoint.")
-    add_sampling_args(p, methods=ALL_METHODS + ("both",))
+    p = ArgumentParser(description="Generate images from a trained diffusion checkpoint.")
+    add_sampling_args(p)
+    method = next(action for action in p._actions if action.dest == "method")
+    method.choices, method.help = (*method.choices, "both"), method.help + "; both: ddpm and ddim, one grid each"
     p.add_argument("--num_samples", type=int, default=16,
                    help="images to generate; for conditional models, images per label (one grid row each)")
     p.add_argument("--conditional", action="store_true",
@@ -83,18 +85,17 @@ def write_interpolation(sample, ddim, out_dir: str, rows: int, size: int, seed: 
     return path
 
 
-def write_comparison(sample, samplers: dict, out_dir: str, nrow: int, device: str) -> list:
-    """DDPM (all T steps) and DDIM from the same noise, side by side, with their wall times."""
+def write_comparison(sample, specs: dict, out_dir: str, nrow: int, device: str) -> list:
+    """DDPM (every noise level) and DDIM from the same noise, side by side, with their wall times."""
     timings, grids = {}, []
     for method in ("ddpm", "ddim"):
         start = time.perf_counter()
-        grids.append(sample(samplers[method]))
+        grids.append(sample(specs[method]))
         timings[method] = time.perf_counter() - start
     path, json_path = os.path.join(out_dir, "comparison.png"), os.path.join(out_dir, "comparison.json")
-    utils.save_comparison(grids, [f"{samplers[m].describe()} ({timings[m]:.1f} s)" for m in ("ddpm", "ddim")],
-                          path, nrow)
-    fileio.write_json(json_path, dict(ddpm_steps=samplers["ddpm"].steps, ddim_steps=samplers["ddim"].steps,
-                                      eta=samplers["ddim"].eta, num_images=len(grids[0]), seconds=timings,
+    utils.save_comparison(grids, [f"{specs[m].describe()} ({timings[m]:.1f} s)" for m in ("ddpm", "ddim")], path, nrow)
+    fileio.write_json(json_path, dict(ddpm_steps=specs["ddpm"].steps, ddim_steps=specs["ddim"].steps,
+                                      eta=specs["ddim"].eta, num_images=len(grids[0]), seconds=timings,
                                       speedup=timings["ddpm"] / timings["ddim"], device=device))
     print(f"DDPM {timings['ddpm']:.2f} s, DDIM {timings['ddim']:.2f} s ({timings['ddpm'] / timings['ddim']:.1f}x faster)")
     return [path, json_path]
@@ -105,10 +106,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
-    methods = ["ddpm", "ddim"] if args.method == "both" else [args.method]
     extra = (["ddim"] if args.interpolation else []) + (["ddpm", "ddim"] if args.comparison else [])
-    loaded = load_model(args, methods + extra, want_conditional=bool(args.conditional or args.class_labels))
-    model, diffusion, samplers = loaded.model, loaded.diffusion, loaded.samplers
+    loaded = load_model(args, ["ddpm", "ddim"] if args.method == "both" else None, extra,
+                        want_conditional=bool(args.conditional or args.class_labels))
+    model, diffusion, specs = loaded.model, loaded.diffusion, loaded.specs
+    methods = ["ddpm", "ddim"] if args.method == "both" else list(specs)[:1]
     row_labels = parse_labels(args, loaded)
     out_dir = args.output_dir or os.path.join(loaded.output_root, "inference")
     if args.save_npz:
@@ -121,14 +123,14 @@ def main(argv=None):
         labels, nrow = None, math.ceil(math.sqrt(args.num_samples))
     n = args.num_samples * (len(row_labels) if row_labels is not None else 1)
 
-    def sample(sampler, count=n, noise=None, y=labels, **extra):
-        return generate(model, diffusion, count, sampler, labels=y, batch_size=loaded.batch_size, seed=args.seed,
+    def sample(spec, count=n, noise=None, y=labels, **extra):
+        return generate(model, diffusion, count, spec, labels=y, batch_size=loaded.batch_size, seed=args.seed,
                         device=loaded.device, progress=True, noise=noise, amp=args.amp, compile_mode=args.compile,
                         channels_last=args.channels_last, guide_model=loaded.guide_model, **extra)
 
     written = []
     for i, method in enumerate(methods):
-        images = sample(samplers[method])
+        images = sample(specs[method])
         path = os.path.join(out_dir, f"samples_{method}.png")
         utils.save_grid(images, path, nrow=nrow)
         written.append(path)
@@ -146,16 +148,16 @@ def main(argv=None):
             written.append(args.save_npz)
 
     if args.interpolation:
-        written.append(write_interpolation(sample, samplers["ddim"], out_dir, min(args.num_samples, 8),
-                                           model.config["image_size"], args.seed + 1, row_labels))
+        written.append(write_interpolation(sample, specs["ddim"], out_dir, min(args.num_samples, 8),
+                                           model.config.image_size, args.seed + 1, row_labels))
     if args.comparison:
-        written += write_comparison(sample, samplers, out_dir, nrow, str(loaded.device))
+        written += write_comparison(sample, specs, out_dir, nrow, str(loaded.device))
     if args.denoising_process:
         rows = min(n, 4)
         y = None if labels is None else labels[:: max(n // rows, 1)][:rows]
-        _, trajectory = sample(samplers[methods[0]], count=rows, y=y, return_intermediates=True)
+        _, trajectory = sample(specs[methods[0]], count=rows, y=y, return_intermediates=True)
         written.append(os.path.join(out_dir, "denoising_process.png"))
-        utils.plot_denoising_process(trajectory, written[-1])
+        utils.plot_denoising_process(trajectory, written[-1], diffusion.describe_level)
     print("wrote:\n  " + "\n  ".join(written))
     return written
 

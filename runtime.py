@@ -6,6 +6,8 @@ import torch
 
 from cli import UserError
 
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu"
+
 
 def pick_device(name: str) -> torch.device:
     """auto = cuda, then mps, then cpu."""

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import fileio
 from checkpoint import load_checkpoint
 from cli import UserError, check_output_dir, fail, replaced
-from config import parse_args, preset_values
+from config import parse_args, preset_values, spec_flags
 from data import load_mnist
 from metrics import Evaluator, check_sample_count
 from runtime import amp_dtype, pick_device
@@ -87,8 +87,8 @@ def setup(args, given: set, conditional: bool, check_new: bool = True):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, conditional=conditional, training=True)
-        saved = {k: v for k, v in ckpt["config"]["args"].items() if k in vars(args) and k != "resume" and k not in given}
-        args = replaced(args, **saved)
+        saved = {**ckpt["config"]["args"], **spec_flags(ckpt["sampling"])}  # the spec: what the flags meant then
+        args = replaced(args, **{k: v for k, v in saved.items() if k in vars(args) and k != "resume" and k not in given})
         exp_dir = os.path.dirname(os.path.abspath(args.resume))
         fileio.remove_stale_temporaries(exp_dir)
     else:

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 import fileio
 from artefacts import RunArtefacts
-from checkpoint import build_diffusion, build_model, guide_entry, guide_from_checkpoint, save_checkpoint
+from checkpoint import guide_entry, guide_from_checkpoint, model_config_of, save_checkpoint
 from cli import UserError
 from conditional_ddpm import drop_labels
-from config import diffusion_config, model_config
+from config import create_model_and_diffusion, diffusion_config, model_config, sampling_spec
 from data import to_model_range
+from diffusion import check_sampling
 from runtime import amp_dtype, autocast
 
 # Why a run stops, in increasing strength: under DDP every rank adopts the strongest reason any rank has.
@@ -126,8 +127,8 @@ class Batches:
 
 
 class Trainer:
-    """The network, its EMA, the optimiser, the diffusion process and the training step, with the run's
-    progress, all of which last.pth carries and resume restores."""
+    """The network, its EMA, the optimiser, the diffusion and the training step, with the run's progress, all of
+    which last.pth carries and resume restores; and the spec its grids, evaluations and checkpoints sample with."""
 
     def __init__(self, args, conditional: bool, exp_dir: str | None, data: tuple, run_config: dict | None = None,
                  ckpt: dict | None = None, rank: int = 0, world: int = 1, device=None):
@@ -146,8 +147,9 @@ class Trainer:
         self.total_steps = args.epochs * self.batches.per_epoch  # the LR schedule's length; --max_steps cuts it
         self.budget_seconds = None if args.time_budget is None else 60 * args.time_budget
 
-        self.model = build_model(model_config(args), conditional).to(
-            self.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+        model, diffusion = create_model_and_diffusion(model_config(args, conditional), diffusion_config(args))
+        self.model = model.to(self.device,
+                              memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.net = self.model
         if world > 1:  # gradients averaged across ranks; checkpoints keep the bare model (no "module.")
@@ -155,9 +157,8 @@ class Trainer:
                                                else None)
         if args.compile:
             self.net = torch.compile(self.net, mode=args.compile)
-        self.diffusion = build_diffusion(diffusion_config(args)).to(self.device)
-        # Min-SNR is a weighting of the ddpm loss; the continuous formulations carry their own
-        self.loss_options = {"min_snr_gamma": args.min_snr_gamma} if args.formulation == "ddpm" else {}
+        self.diffusion = diffusion.to(self.device)
+        self.spec = check_sampling(sampling_spec(args), diffusion.levels, conditional, args.guide_snapshot > 0)
         cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            **({"fused": True} if cuda else {}))
@@ -207,9 +208,10 @@ class Trainer:
         self.saved_step, self.saved_seconds = self.step, s["elapsed"]
 
     def save(self, name: str) -> None:
-        guide = None if self.guide is None else guide_entry(self.guide.config, self.guide.state_dict(), self.guide_step)
-        save_checkpoint(os.path.join(self.exp_dir, name), self.model, self.ema, self.diffusion, self.step, self.epoch,
-                        self.train_state(), config=self.run_config, guide=guide)
+        guide = None if self.guide is None else guide_entry(model_config_of(self.guide), self.guide.state_dict(),
+                                                            self.guide_step)
+        save_checkpoint(os.path.join(self.exp_dir, name), self.model, self.ema, self.diffusion, self.spec, self.step,
+                        self.epoch, self.train_state(), config=self.run_config, guide=guide)
 
     def checkpoint(self) -> None:
         """last.pth, written by rank 0; every rank notes what it now holds, so that all decide alike."""
@@ -230,15 +232,14 @@ class Trainer:
         """
         args, share = self.args, slice(self.rank, None, self.world)
         x0 = to_model_range(self.batches.images[idx])
-        t = self.diffusion.draw_noise_levels(len(idx), self.device, self.noise_gen)
+        sigma = self.diffusion.draw_noise_levels(len(idx), self.device, self.noise_gen)
         noise = torch.randn(x0.shape, device=self.device, generator=self.noise_gen)
         kwargs = {}
         if self.conditional:
             y = drop_labels(self.batches.labels[idx], args.p_uncond, self.model.null_class, self.noise_gen)
             kwargs["y"] = y[share]
         with self.autocast():
-            loss = self.diffusion.training_loss(self.net, x0[share], kwargs, t=t[share], noise=noise[share],
-                                                **self.loss_options)
+            loss = self.diffusion.training_loss(self.net, x0[share], kwargs, sigma=sigma[share], noise=noise[share])
         lr = args.lr * lr_factor(self.step, self.total_steps, args.warmup_steps, self.clock.agreed, self.budget_seconds)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -387,8 +388,8 @@ class TrainingLoop:
         writer = None
         if tr.is_main:
             writer = SummaryWriter(os.path.join(tr.exp_dir, "logs"), purge_step=tr.step or None)
-            self.out = RunArtefacts(args, tr.exp_dir, tr.ema, lambda: tr.guide, tr.diffusion, self.evaluator, writer,
-                                    tr.device, tr.pad)
+            self.out = RunArtefacts(args, tr.exp_dir, tr.ema, lambda: tr.guide, tr.diffusion, tr.spec, self.evaluator,
+                                    writer, tr.device, tr.pad)
             if tr.step == 0:
                 writer.add_text("config", "```\n" + json.dumps(tr.run_config, indent=2) + "\n```")
         handlers = {s: signal.signal(s, self.stop.request) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -65,9 +65,9 @@ def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str) ->
 def plot_noise_schedule(diffusion, path: str) -> None:
     """The discrete process's betas, alphas_cumprod and signal-to-noise ratio over t; for a continuous one,
     the training density of its noise levels and its preconditioning over sigma."""
-    if not hasattr(diffusion, "betas"):
+    if diffusion.config.formulation != "ddpm":
         return plot_noise_levels(diffusion, path)
-    t = np.arange(diffusion.timesteps)
+    t = np.arange(diffusion.levels)
     ac = diffusion.alphas_cumprod.double().cpu().numpy()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     axes[0].plot(t, diffusion.betas.cpu().numpy())
@@ -81,43 +81,44 @@ def plot_noise_schedule(diffusion, path: str) -> None:
     axes[2].set(title="SNR = alpha_bar / (1 - alpha_bar)", xlabel="t")
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{diffusion.config['beta_schedule']} schedule, T={diffusion.timesteps}")
+    fig.suptitle(f"{diffusion.config.beta_schedule} schedule, T={diffusion.levels}")
     save_figure(fig, path)
 
 
 def plot_noise_levels(diffusion, path: str) -> None:
-    sigma = np.geomspace(diffusion.sigma_min, diffusion.sigma_max, 400)
+    c = diffusion.config
+    sigma = np.geomspace(c.sigma_min, c.sigma_max, 400)
     log_sigma = np.log(sigma)
-    density = np.exp(-0.5 * ((log_sigma - diffusion.p_mean) / diffusion.p_std) ** 2) / (diffusion.p_std * np.sqrt(2 * np.pi))
+    density = np.exp(-0.5 * ((log_sigma - c.p_mean) / c.p_std) ** 2) / (c.p_std * np.sqrt(2 * np.pi))
     c_skip, c_out, c_in, _ = (c.flatten().numpy() for c in diffusion.preconditioning(torch.from_numpy(sigma).float()))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     axes[0].semilogx(sigma, density)
-    axes[0].set(title=f"training noise levels: ln(sigma) ~ N({diffusion.p_mean:g}, {diffusion.p_std:g}^2)", xlabel="sigma")
+    axes[0].set(title=f"training noise levels: ln(sigma) ~ N({c.p_mean:g}, {c.p_std:g}^2)", xlabel="sigma")
     for values, name in ((c_skip, "c_skip"), (np.abs(c_out), "|c_out|"), (c_in, "c_in")):
         axes[1].loglog(sigma, values, label=name)
     axes[1].set(title="preconditioning", xlabel="sigma")
     axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{diffusion.formulation} formulation")
+    fig.suptitle(f"{c.formulation} formulation")
     save_figure(fig, path)
 
 
-def plot_denoising_process(intermediates, path: str, frames: int = 10, rows: int = 4) -> None:
-    """x_t at about `frames` timesteps from T down to 0 for the first `rows` samples."""
+def plot_denoising_process(intermediates, path: str, describe_level, frames: int = 10, rows: int = 4) -> None:
+    """The state at about `frames` of the (sigma, x) `intermediates`, from pure noise down to the sample, for the
+    first `rows` samples; `describe_level(sigma)` titles each column (t=..., or sigma=...)."""
     picks = np.unique(np.linspace(0, len(intermediates) - 1, frames).round().astype(int))
     rows = min(rows, intermediates[0][1].shape[0])
     fig, axes = plt.subplots(rows, len(picks), figsize=(1.3 * len(picks), 1.4 * rows), squeeze=False)
     for col, i in enumerate(picks):
-        t, x = intermediates[i]
+        sigma, x = intermediates[i]
         for row in range(rows):
             ax = axes[row][col]
             ax.imshow(as_unit_range(x[row:row + 1].cpu())[0, 0].numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                level = f"t={t}" if isinstance(t, int) else f"sigma={t:.3g}"  # discrete steps, or noise levels
-                ax.set_title(level if t > 0 else "x_0", fontsize=9)
+                ax.set_title(describe_level(sigma) if sigma > 0 else "x_0", fontsize=9)
     fig.suptitle("Denoising process")
     save_figure(fig, path)
 

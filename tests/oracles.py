@@ -2,7 +2,7 @@
 
 For x0 ~ N(m, s^2) and x_t = sqrt(a) x0 + sqrt(1 - a) eps (a = alphas_cumprod[t]),
 E[x0 | x_t] = m + k (x_t - sqrt(a) m) with k = sqrt(a) s^2 / (a s^2 + 1 - a). Every prediction
-target follows from it. Written independently of ddpm_model.py, which is what the tests check.
+target follows from it. Written independently of diffusion.py, which is what the tests check.
 """
 import math
 
@@ -146,13 +146,14 @@ class SigmaGaussianOracle:
         return ((xd - d) / t).to(x_in.dtype)  # the velocity that gives D = x_t - t v
 
 
-def exact_heun_law(mean0, s, sigmas, churn=0.0, churn_range=(0.05, 50.0)):
-    """Mean and variance of EDM's Algorithm 2 output under the Gaussian oracle, x_start = sigma_max z.
+def exact_heun_law(mean0, s, sigmas, churn=0.0, churn_range=(0.05, 50.0), init_std=None):
+    """Mean and variance of EDM's Algorithm 2 output under the Gaussian oracle, x_start = init_std z
+    (sigma_max z by default).
 
     With y = x - m, D - m = gain(sigma) y, so every step is y -> A (y + sqrt(s_hat^2 - s^2) z): iterate the moments.
     """
     n = len(sigmas) - 1
-    mu, var = -mean0, sigmas[0] ** 2
+    mu, var = -mean0, (sigmas[0] if init_std is None else init_std) ** 2
     for sig, nxt in zip(sigmas[:-1], sigmas[1:]):
         gamma = min(churn / n, math.sqrt(2) - 1) if churn_range[0] <= sig <= churn_range[1] else 0.0
         hat = sig * (1 + gamma)

@@ -1,4 +1,5 @@
 """inference.py and eval.py on tiny checkpoints made here."""
+import dataclasses
 import json
 import os
 
@@ -13,10 +14,10 @@ from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from conditional_ddpm import ConditionalUNet
 from conftest import TINY_MODEL, exits_2, grid_tiles
 from data import to_uint8
-from ddpm_model import GaussianDiffusion, UNet
-from edm import KarrasDiffusion
+from ddpm_model import ModelConfig, UNet
+from diffusion import DDPM, DiffusionConfig, FlowMatching, SamplingSpec
 from runtime import amp_dtype, cpu_has_native_bf16
-from sampling import SamplerSettings, generate
+from sampling import generate
 
 
 def grid_size(rows, cols):
@@ -30,18 +31,19 @@ def is_drawn(path) -> bool:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """An unconditional and a conditional checkpoint with T=20 and random weights."""
+    """An unconditional and a conditional checkpoint with T=20 and random weights, sampling by default with
+    SDE-DPM-Solver++ (the conditional one with classifier-free guidance w 1)."""
     root = tmp_path_factory.mktemp("ckpts")
     paths = {}
     for conditional in (False, True):
         torch.manual_seed(0)
-        model = ConditionalUNet(num_classes=10, **TINY_MODEL) if conditional else UNet(**TINY_MODEL)
+        model = ConditionalUNet(ModelConfig(**TINY_MODEL), 10) if conditional else UNet(ModelConfig(**TINY_MODEL))
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.1)
         exp = root / ("cond" if conditional else "uncond")
         path = exp / "best_model.pth"
-        save_checkpoint(str(path), model, model, GaussianDiffusion(20), step=3,
-                        config={"args": {"guidance_scale": 1.0}} if conditional else {})
+        save_checkpoint(str(path), model, model, DDPM(DiffusionConfig(timesteps=20)),
+                        SamplingSpec(guidance_scale=1.0 if conditional else 0.0), step=3)
         paths[conditional] = str(path)
     return paths
 
@@ -72,11 +74,12 @@ def test_the_seeds_samplers_serve_a_flow_model(tmp_path):
     """--method both and --comparison (DDPM against DDIM) work on a model of a continuous formulation too: its
     ddpm is ancestral sampling over 1000 noise levels, its ddim the same map with eta 0."""
     torch.manual_seed(0)
-    model = UNet(**TINY_MODEL)
+    model = UNet(ModelConfig(**TINY_MODEL))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
     path = tmp_path / "flow.pth"
-    save_checkpoint(str(path), model, model, KarrasDiffusion("flow", p_mean=0.0, p_std=1.0))
+    save_checkpoint(str(path), model, model, FlowMatching(DiffusionConfig(formulation="flow", p_mean=0.0, p_std=1.0)),
+                    SamplingSpec())
     out = tmp_path / "out"
     inference.main(["--model_path", str(path), "--method", "both", "--ddim_steps", "5", "--comparison",
                     "--num_samples", "4", "--output_dir", str(out)])
@@ -120,12 +123,13 @@ def tiny_model(checkpoints, conditional):
 @pytest.mark.unit
 def test_trajectory_runs_from_the_seeds_noise_to_the_samples(checkpoints):
     model, diffusion = tiny_model(checkpoints, False)
-    sampler = SamplerSettings("ddim", 4, 0.0)
-    images, trajectory = generate(model, diffusion, 3, sampler, seed=7, return_intermediates=True)
+    spec = SamplingSpec("ddim", 4, 0.0)
+    images, trajectory = generate(model, diffusion, 3, spec, seed=7, return_intermediates=True)
     noise = torch.randn((3, 1, 28, 28), generator=torch.Generator().manual_seed(7))
-    assert [t for t, _ in trajectory] == [20, 19, 13, 6, 0]  # T, then DDIM's 4 uniform steps
+    sigma = diffusion.sigma_table  # DDIM's 4 uniform steps of T=20, then the clean image
+    assert [s for s, _ in trajectory] == [sigma[19], sigma[13], sigma[6], sigma[0], 0.0]
     assert torch.equal(trajectory[0][1], noise) and torch.equal(trajectory[-1][1], images)
-    assert torch.equal(images, generate(model, diffusion, 3, sampler, seed=7))
+    assert torch.equal(images, generate(model, diffusion, 3, spec, seed=7))
 
 
 @pytest.mark.unit
@@ -133,13 +137,13 @@ def test_guidance_interval_counts_and_changes_only_the_steps_inside(checkpoints)
     """DDIM's 4 steps visit t = 19, 13, 6, 0 of T=20; an interval holding the noise levels of the middle two
     guides those (2 calls each) and no others: 6 calls per image. An empty interval is plain sampling."""
     model, diffusion = tiny_model(checkpoints, True)
-    sigmas = diffusion.sigma_at(torch.tensor([19, 13, 6, 0]))
-    interval = (sigmas[3].item() + 1e-3, sigmas[1].item())  # (sigma_0, sigma_13]: t = 13 and 6
+    sigma = diffusion.sigma_table
+    interval = (sigma[0] + 1e-3, sigma[13])  # (sigma_0, sigma_13]: t = 13 and 6
     runs = {}
-    for name, w, span in (("inside", 1.5, interval), ("nowhere", 1.5, (1e6, 2e6)), ("plain", 0.0, None)):
+    for name, w, span in (("inside", 1.5, interval), ("nowhere", 1.5, (2e6, 3e6)), ("plain", 0.0, None)):
         stats = {}
-        sampler = SamplerSettings("ddim", 4, 0.0, w, span)
-        runs[name] = generate(model, diffusion, 10, sampler, seed=3, stats=stats), stats["network_calls"]
+        spec = SamplingSpec("ddim", 4, 0.0, guidance_scale=w, guidance_interval=span)
+        runs[name] = generate(model, diffusion, 10, spec, seed=3, stats=stats), stats["network_calls"]
     assert [runs[k][1] for k in ("inside", "nowhere", "plain")] == [6, 4, 4]
     assert torch.equal(runs["nowhere"][0], runs["plain"][0]) and not torch.equal(runs["inside"][0], runs["plain"][0])
 
@@ -148,8 +152,8 @@ def test_guidance_interval_counts_and_changes_only_the_steps_inside(checkpoints)
 @pytest.mark.parametrize("conditional", [False, True])
 def test_speed_flags_keep_the_samples(checkpoints, conditional):
     model, diffusion = tiny_model(checkpoints, conditional)
-    run = lambda amp, nhwc=False: generate(model, diffusion, 8, SamplerSettings("ddim", 4, 0.0, 1.0), seed=1, amp=amp,
-                                           channels_last=nhwc)
+    spec = SamplingSpec("ddim", 4, 0.0, guidance_scale=1.0 if conditional else 0.0)
+    run = lambda amp, nhwc=False: generate(model, diffusion, 8, spec, seed=1, amp=amp, channels_last=nhwc)
     nhwc, fp32, bf16, auto = run("none", True), run("none"), run("bf16"), run("auto")
     assert torch.allclose(nhwc, fp32, atol=1e-5)
     native = cpu_has_native_bf16()  # auto is bf16 only where the CPU computes it natively
@@ -163,7 +167,7 @@ def test_speed_flags_keep_the_samples(checkpoints, conditional):
 def test_compiled_network_call_matches_eager(checkpoints):
     from torch._dynamo.utils import counters
     model, diffusion = tiny_model(checkpoints, True)  # the guided model, two branches per call
-    run = lambda mode: generate(model, diffusion, 6, SamplerSettings("dpm_solver", 3, 1.0, 1.5), seed=2, compile_mode=mode,
+    run = lambda mode: generate(model, diffusion, 6, SamplingSpec("dpm_solver", 3, 1.0, 1.5), seed=2, compile_mode=mode,
                                 amp="none")
     torch._dynamo.reset()
     compiled = run("default")
@@ -176,14 +180,17 @@ def test_compiled_network_call_matches_eager(checkpoints):
     (["--model_path", "missing.pth"], "no such file"),
     (["--conditional"], "need a conditional checkpoint"),
     (["--class_labels", "1,2"], "need a conditional checkpoint"),
-    (["--method", "ddim", "--ddim_steps", "0"], "--steps 0: steps must be between 1 and the model's 20 timesteps"),
-    (["--method", "both", "--steps", "21"], "--steps 21: steps must be between 1"),
-    (["--comparison", "--ddim_steps", "21"], "--steps 21: steps must be between 1"),
-    (["--method", "ddpm", "--steps", "5"], "--steps 5: ddpm takes all of the model's 20 steps"),
-    (["--method", "heun"], "--method heun is not a sampler of this model; it takes ddpm, ddim, dpm_solver"),
+    (["--method", "ddim", "--ddim_steps", "0"], "--steps must be between 1 and the model's 20 noise levels, got 0"),
+    (["--method", "both", "--steps", "21"], "--steps must be between 1 and the model's 20 noise levels, got 21"),
+    (["--comparison", "--ddim_steps", "21"], "--steps must be between 1 and the model's 20 noise levels, got 21"),
+    (["--method", "ddpm", "--steps", "5"], "--steps 5: ddpm takes all 20 noise levels of the model"),
+    (["--method", "heun", "--steps", "30"], "--steps must be between 1 and the model's 20 noise levels, got 30"),
+    (["--method", "euler"], "argument --method: invalid choice: 'euler'"),
     (["--pretrained", "conditional"], "give --model_path or --pretrained, not both"),
-    (["--method", "dpm_solver", "--steps", "0"], "--steps 0: steps must be between 1"),
-    (["--eta", "-0.5"], "eta must be >= 0, got -0.5"),
+    (["--method", "dpm_solver", "--steps", "0"], "--steps must be between 1"),
+    (["--eta", "-0.5"], "--eta must not be negative, got -0.5"),
+    (["--guidance_scale", "1"], "--guidance_scale is classifier-free guidance: it needs a conditional model"),
+    (["--autoguidance_scale", "1"], "--autoguidance_scale needs a weaker network to steer away from"),
     (["--num_samples", "0"], "--num_samples must be at least 1"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 is not supported on cpu"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
@@ -216,10 +223,11 @@ def test_eval_on_a_checkpoint(checkpoints, tmp_path, conditional, data_dir):
     assert metrics["fid_mnist"] > metrics["floor"]["fid_mnist"]  # random weights are worse than real digits
     assert metrics["settings"]["num_images"] == 60 and metrics["seconds"]["mnist_metrics"] > 0
     assert f"| fid_mnist | {metrics['fid_mnist']:.4f} | {metrics['floor']['fid_mnist']:.4f} |" in (save / "report.md").read_text()
+    spec = SamplingSpec("ddim", 2, 0.0, guidance_scale=1.0 if conditional else 0.0)  # the file's guidance
+    assert metrics["sampling"] == dict(dataclasses.asdict(spec), guidance_interval=None)
     model, diffusion = tiny_model(checkpoints, conditional)  # samples.png shows the very images scored
     labels = torch.arange(60) % 10 if conditional else None
-    scored = to_uint8(generate(model, diffusion, 60, SamplerSettings("ddim", 2, 0.0, 1.0 if conditional else 0.0),
-                               labels=labels, batch_size=50, seed=0)).numpy()
+    scored = to_uint8(generate(model, diffusion, 60, spec, labels=labels, batch_size=50, seed=0)).numpy()
     assert np.abs(grid_tiles(save / "samples.png")[:60].astype(int) - scored).max() <= 1
     assert is_drawn(save / "intensity_histogram.png") and is_drawn(save / "class_histogram.png")
     assert report["fid_mnist"] == metrics["fid_mnist"]

@@ -1,29 +1,31 @@
 """The U-Net, the conditional model and the checkpoint format."""
+import dataclasses
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from checkpoint import CheckpointError, build_diffusion, load_checkpoint, model_from_checkpoint, save_checkpoint
-from conditional_ddpm import ConditionalUNet, GuidedModel, drop_labels
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint, upgrade
+from conditional_ddpm import ConditionalUNet, drop_labels
 from conftest import TINY_MODEL
-from ddpm_model import GaussianDiffusion, UNet
-from edm import KarrasDiffusion
+from ddpm_model import ModelConfig, UNet
+from diffusion import DDPM, DiffusionConfig, FlowMatching, SamplingSpec
 
 pytestmark = pytest.mark.unit
-TINY = {**TINY_MODEL, "channel_mult": (1, 2, 2, 2)}  # every level of the default network
+TINY = ModelConfig(**{**TINY_MODEL, "channel_mult": (1, 2, 2, 2)})  # every level of the default network
 
 
 @pytest.mark.parametrize("size,attn", [(28, (14,)), (32, (16,)), (28, (7, 4))])
 @pytest.mark.parametrize("mult", [(1,), (1, 2), (1, 2, 2), (1, 2, 2, 2), (1, 1, 2, 2, 2)])
 def test_unet_output_shape_equals_input(size, attn, mult):
-    net = UNet(**{**TINY, "channel_mult": mult, "attention_resolutions": attn, "image_size": size})
+    net = UNet(dataclasses.replace(TINY, channel_mult=mult, attention_resolutions=attn, image_size=size))
     x = torch.randn(2, 1, size, size)
     assert net(x, torch.tensor([0, 999])).shape == x.shape
 
 
 def test_unet_attention_sits_where_asked():
-    net = UNet(**{**TINY, "attention_resolutions": (14,)})
+    net = UNet(dataclasses.replace(TINY, attention_resolutions=(14,)))
     n_attn = sum(type(m).__name__ == "SelfAttention" for m in net.modules())
     # level 1 (14x14): 1 down block + 2 up blocks, plus the one in the middle
     assert n_attn == 1 + 2 + 1
@@ -31,7 +33,7 @@ def test_unet_attention_sits_where_asked():
 
 def test_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
-    net = ConditionalUNet(num_classes=10, **TINY)
+    net = ConditionalUNet(TINY, num_classes=10)
     for p in net.parameters():  # zero-initialised output layers would block gradients to everything before them
         torch.nn.init.normal_(p, std=0.05)
     net(torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 100, 999]), torch.tensor([0, 3, 9, 10])).square().mean().backward()
@@ -41,7 +43,7 @@ def test_every_parameter_gets_a_gradient():
 
 def test_time_and_class_change_the_output():
     torch.manual_seed(0)
-    net = ConditionalUNet(num_classes=10, **TINY).eval()
+    net = ConditionalUNet(TINY, num_classes=10).eval()
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(1, 1, 28, 28)
@@ -52,16 +54,17 @@ def test_time_and_class_change_the_output():
 
 
 def test_activation_choice():
-    assert any(isinstance(m, torch.nn.SiLU) for m in UNet(**TINY, activation="silu").modules())
-    assert any(isinstance(m, torch.nn.ReLU) for m in UNet(**TINY).modules())
+    assert any(isinstance(m, torch.nn.SiLU) for m in UNet(dataclasses.replace(TINY, activation="silu")).modules())
+    assert any(isinstance(m, torch.nn.ReLU) for m in UNet(TINY).modules())
     with pytest.raises(ValueError):
-        UNet(**TINY, activation="gelu")
+        UNet(dataclasses.replace(TINY, activation="gelu"))
 
 
 def test_norm_groups_sets_every_group_norm():
     """At most norm_groups groups and at least 4 channels a group, in every norm of the network."""
     for max_groups, expected in ((32, lambda c: min(32, c // 4)), (1, lambda c: 1)):
-        norms = [m for m in UNet(**TINY, norm_groups=max_groups).modules() if isinstance(m, torch.nn.GroupNorm)]
+        norms = [m for m in UNet(dataclasses.replace(TINY, norm_groups=max_groups)).modules()
+                 if isinstance(m, torch.nn.GroupNorm)]
         assert len(norms) > 10 and all(m.num_groups == expected(m.num_channels) for m in norms), max_groups
 
 
@@ -77,86 +80,16 @@ def test_drop_labels_rate():
     assert torch.equal(drop_labels(y, 0.0, 10), y)
 
 
-def test_guided_model_formula():
-    f = lambda x, t, y: x * 0 + y.view(-1, 1, 1, 1).float()  # returns its label
-    x, t, y = torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), torch.tensor([1, 2, 3])
-    out = GuidedModel(f, 2.0, null_class=10)(x, t, y)
-    torch.testing.assert_close(out[:, 0, 0, 0], 3.0 * y.float() - 2.0 * 10)
-    torch.testing.assert_close(GuidedModel(f, 0.0, null_class=10)(x, t, y)[:, 0, 0, 0], y.float())
-
-
-def test_guidance_interval_guides_only_inside_it():
-    """Outside the interval a batch costs one network call and is the plain conditional output; inside, the
-    guided mix of both branches."""
-    calls = []
-
-    def f(x, t, y):
-        calls.append(len(x))
-        return x * 0 + y.view(-1, 1, 1, 1).float()
-    x, y = torch.zeros(3, 1, 2, 2), torch.tensor([1, 2, 3])
-    guided = GuidedModel(f, 2.0, null_class=10, guide=lambda t: bool(t.item() >= 500))
-    inside, outside = guided(x, torch.full((3,), 700), y), guided(x, torch.full((3,), 100), y)
-    torch.testing.assert_close(inside[:, 0, 0, 0], 3.0 * y.float() - 2.0 * 10)
-    torch.testing.assert_close(outside[:, 0, 0, 0], y.float())
-    assert calls == [6, 3]
-
-
-def test_autoguidance_steers_away_from_the_weak_model_at_the_same_inputs():
-    """Unconditional: out = (1 + w) f - w g, each network called once on the batch as it is, and only
-    inside the interval; conditional: the weak model sees the same labels, not the null class."""
-    calls = []
-
-    def network(value):
-        def f(x, t, y=None):
-            calls.append((value, len(x), None if y is None else y.tolist()))
-            return x * 0 + value + (0 if y is None else y.view(-1, 1, 1, 1).float())
-        return f
-    x = torch.zeros(3, 1, 2, 2)
-    guided = GuidedModel(network(1.0), 2.0, guide=lambda t: bool(t.item() >= 500), weak_model=network(4.0))
-    inside, outside = guided(x, torch.full((3,), 700)), guided(x, torch.full((3,), 100))
-    torch.testing.assert_close(inside, torch.full_like(x, 3.0 * 1 - 2.0 * 4))
-    torch.testing.assert_close(outside, torch.ones_like(x))
-    assert calls == [(1.0, 3, None), (4.0, 3, None), (1.0, 3, None)]
-    y = torch.tensor([1, 2, 3])
-    out = GuidedModel(network(1.0), 2.0, null_class=10, weak_model=network(4.0))(x, torch.zeros(3), y)
-    torch.testing.assert_close(out[:, 0, 0, 0], 3.0 * (1 + y.float()) - 2.0 * (4 + y.float()))
-    assert calls[-1] == (4.0, 3, [1, 2, 3])
-    with pytest.raises(ValueError, match="null class"):
-        GuidedModel(network(1.0), 1.0)
-
-
-def test_autoguidance_with_a_classifier_free_term():
-    """out = f + w (f - g) + w_class (f - f_null): f and f_null in one batch, the weak network g once; w 0
-    leaves classifier-free guidance alone, and the class term needs both a null class and a weak network."""
-    calls = []
-
-    def network(value):
-        def f(x, t, y):
-            calls.append((value, y.tolist()))
-            return x * 0 + value + y.view(-1, 1, 1, 1).float()
-        return f
-    x, t, y = torch.zeros(2, 1, 2, 2), torch.zeros(2), torch.tensor([1, 2])
-    strong, null, weak = 1 + y.float(), 1 + 10.0, 4 + y.float()
-    out = GuidedModel(network(1.0), 2.0, null_class=10, weak_model=network(4.0), class_scale=0.5)(x, t, y)
-    torch.testing.assert_close(out[:, 0, 0, 0], strong + 2.0 * (strong - weak) + 0.5 * (strong - null))
-    assert calls == [(1.0, [1, 2, 10, 10]), (4.0, [1, 2])]
-    calls.clear()
-    out = GuidedModel(network(1.0), 0.0, null_class=10, weak_model=network(4.0), class_scale=0.5)(x, t, y)
-    torch.testing.assert_close(out[:, 0, 0, 0], strong + 0.5 * (strong - null))
-    assert calls == [(1.0, [1, 2, 10, 10])]
-    with pytest.raises(ValueError, match="conditional model and a weak model"):
-        GuidedModel(network(1.0), 1.0, weak_model=network(4.0), class_scale=0.5)
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def make_checkpoint(path, conditional=False):
-    model = ConditionalUNet(num_classes=10, **TINY) if conditional else UNet(**TINY)
-    ema = ConditionalUNet(num_classes=10, **TINY) if conditional else UNet(**TINY)
+    model = ConditionalUNet(TINY, num_classes=10) if conditional else UNet(TINY)
+    ema = ConditionalUNet(TINY, num_classes=10) if conditional else UNet(TINY)
     for p in ema.parameters():
         torch.nn.init.normal_(p)
-    diffusion = GaussianDiffusion(100, "cosine", "v")
-    save_checkpoint(str(path), model, ema, diffusion, step=7, epoch=1, config={"lr": 1e-3})
+    diffusion = DDPM(DiffusionConfig(timesteps=100, beta_schedule="cosine", prediction="v"))
+    save_checkpoint(str(path), model, ema, diffusion, SamplingSpec("ddim", 10, 0.0), step=7, epoch=1,
+                    config={"lr": 1e-3})
     return model, ema
 
 
@@ -166,10 +99,11 @@ def test_checkpoint_round_trip(tmp_path, conditional):
     model, ema = make_checkpoint(path, conditional)
     ckpt = load_checkpoint(str(path), conditional=conditional)
     assert ckpt["step"] == 7 and ckpt["config"] == {"lr": 1e-3}
+    assert ckpt["sampling"] == dict(method="ddim", steps=10, eta=0.0, guidance_scale=0.0, autoguidance_scale=0.0,
+                                    guidance_interval=None)
     loaded, diffusion = model_from_checkpoint(ckpt)
-    assert type(loaded) is type(model) and not loaded.training
-    assert diffusion.config == dict(timesteps=100, beta_schedule="cosine", prediction="v", logsnr_shift=0.0,
-                                    timestep_sampling="uniform", range_loss="mse")
+    assert type(loaded) is type(model) and not loaded.training and loaded.config == TINY
+    assert diffusion.config == DiffusionConfig(timesteps=100, beta_schedule="cosine", prediction="v")
     for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()):
         assert torch.equal(a, b)
     raw, _ = model_from_checkpoint(ckpt, use_ema=False)
@@ -179,16 +113,22 @@ def test_checkpoint_round_trip(tmp_path, conditional):
 
 
 def test_a_continuous_formulation_round_trips_and_the_seeds_format_still_loads(tmp_path):
-    """A checkpoint records its process: KarrasDiffusion's config comes back as KarrasDiffusion, and a
+    """A checkpoint records its formulation: a flow model's config comes back as FlowMatching, and a
     diffusion_config without a formulation (every checkpoint written before there was one) is the DDPM process."""
-    model = UNet(**TINY)
-    flow = KarrasDiffusion("flow", p_mean=0.0, p_std=1.0, range_loss="one_sided")
-    save_checkpoint(str(tmp_path / "edm.pth"), model, model, flow)
-    _, diffusion = model_from_checkpoint(load_checkpoint(str(tmp_path / "edm.pth")))
-    assert isinstance(diffusion, KarrasDiffusion) and diffusion.config["formulation"] == "flow"
-    assert (diffusion.p_mean, diffusion.p_std, diffusion.range_loss) == (0.0, 1.0, "one_sided")
-    seed_format = build_diffusion(dict(timesteps=50, beta_schedule="cosine", prediction="x0"))
-    assert isinstance(seed_format, GaussianDiffusion) and seed_format.timesteps == 50
+    model = UNet(TINY)
+    flow = FlowMatching(DiffusionConfig(formulation="flow", p_mean=0.0, p_std=1.0, range_loss="one_sided"))
+    save_checkpoint(str(tmp_path / "flow.pth"), model, model, flow, SamplingSpec())
+    _, diffusion = model_from_checkpoint(load_checkpoint(str(tmp_path / "flow.pth")))
+    assert isinstance(diffusion, FlowMatching) and diffusion.config == flow.config
+    seed_format = torch.load(tmp_path / "flow.pth", weights_only=True)
+    seed_format.update(version=1, diffusion_config=dict(timesteps=50, beta_schedule="cosine", prediction="x0"),
+                       model_config=dict(out_channels=1, **{k: list(v) if isinstance(v, tuple) else v
+                                                            for k, v in dataclasses.asdict(TINY).items()}))
+    del seed_format["sampling"]
+    torch.save(seed_format, tmp_path / "seed.pth")
+    model, diffusion = model_from_checkpoint(load_checkpoint(str(tmp_path / "seed.pth")))
+    assert isinstance(diffusion, DDPM) and diffusion.levels == 50 and diffusion.config.prediction == "x0"
+    assert model.config == TINY
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path):
@@ -210,3 +150,67 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
         load_checkpoint(str(other))
     with pytest.raises(CheckpointError, match="is a conditional checkpoint"):
         load_checkpoint(str(good), conditional=False)
+    future = torch.load(good, weights_only=True)
+    future["diffusion_config"]["wavelets"] = True
+    torch.save(future, tmp_path / "future.pth")
+    with pytest.raises(CheckpointError, match="future.pth: unknown setting 'wavelets'"):
+        load_checkpoint(str(tmp_path / "future.pth"))
+
+
+# ----------------------------------------------------------------------------- files of earlier versions
+
+LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy")
+# Each file's default guidance, as the code that wrote it sampled (tests/data/legacy/README.md).
+LEGACY_DEFAULTS = {
+    "ddpm_cond_last.pth": "ddim, 10 steps, eta 0, classifier-free w 0.5",
+    "ddpm_cond_copy.pt": "ddim, 10 steps, eta 0, classifier-free w 1.5 at sigma (0.5, 20]",
+    "flow_uncond_last.pth": "ddim, 10 steps, eta 0, autoguidance w 1 at sigma (0.3, 5]",
+    "flow_uncond_copy.pt": "ddim, 10 steps, eta 0, autoguidance w 1 at sigma (0.3, 5]",
+    "flow_cond_copy.pt": "ddim, 10 steps, eta 0, autoguidance w 1 + classifier-free w 0.2 at sigma (0.3, 5]",
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEGACY_DEFAULTS))
+def test_checkpoints_of_the_previous_format_draw_the_same_images(name):
+    """Training checkpoints and sampling copies written before the sampling spec existed, ddpm and flow, each
+    with its kind of default guidance: DDIM at eta 0 with the same seed draws the images that code drew
+    (within two grey levels), guided as it was."""
+    import inference
+    from data import to_uint8
+    from sampling import generate, load_model
+    args = inference.build_parser().parse_args(["--model_path", os.path.join(LEGACY, name), "--method", "ddim",
+                                                "--steps", "10", "--eta", "0", "--amp", "none"])
+    loaded = load_model(args)
+    spec = loaded.specs["ddim"]
+    assert spec.describe() == LEGACY_DEFAULTS[name]
+    images = to_uint8(generate(loaded.model, loaded.diffusion, 8, spec, batch_size=64, seed=0, amp="none",
+                               guide_model=loaded.guide_model))
+    with np.load(os.path.join(LEGACY, "ddim_samples.npz")) as f:
+        drawn_then = torch.from_numpy(f[name.replace(".", "_")])
+    assert (images.int() - drawn_then.int()).abs().max() <= 2
+
+
+def test_upgrade_reads_the_old_guidance_flags_as_they_were_meant():
+    """Version 1's guidance_scale meant autoguidance on a file holding a guide and classifier-free guidance on a
+    conditional one without; class_guidance was the classifier-free term beside autoguidance; a file's own keys
+    won over its run's flags, which counted only for a run that guided (every run recorded a 0.5)."""
+    guide = dict(model_config=dict(dataclasses.asdict(TINY)), ema={}, step=1)
+
+    def upgraded(conditional, run, **own):
+        config = dict(dataclasses.asdict(TINY), **({"num_classes": 10} if conditional else {}))
+        ckpt = dict(version=1, conditional=conditional, model_config=config, diffusion_config={},
+                    config=dict(args=dict(sample_method="dpm_solver", **run)), **own)
+        spec = upgrade(ckpt)["sampling"]
+        return spec["guidance_scale"], spec["autoguidance_scale"], spec["guidance_interval"]
+    unguided_run = dict(guidance_scale=0.5, guidance_interval=None, guide_snapshot=0.0)
+    snapshot_run = dict(guidance_scale=1.5, guidance_interval=[0.2, 20.0], guide_snapshot=0.5)
+    assert upgraded(False, unguided_run) == (0.0, 0.0, None)
+    assert upgraded(False, unguided_run, guide=guide) == (0.0, 0.0, None)
+    assert upgraded(False, snapshot_run, guide=guide) == (0.0, 1.5, [0.2, 20.0])
+    assert upgraded(False, unguided_run, guide=guide, guidance_scale=0.7) == (0.0, 0.7, None)
+    assert upgraded(True, unguided_run) == (0.5, 0.0, None)
+    assert upgraded(True, unguided_run, guidance_scale=2.0, guidance_interval=[0.3, 5.0]) == (2.0, 0.0, [0.3, 5.0])
+    assert upgraded(True, unguided_run, guide=guide, guidance_scale=1.0, class_guidance=0.2) == (0.2, 1.0, None)
+    legacy = torch.load(os.path.join(LEGACY, "flow_cond_copy.pt"), weights_only=True)
+    assert legacy["version"] == 1 and "sampling" not in legacy  # a user's file is upgraded in memory only
+    assert not {"guidance_scale", "class_guidance", "guidance_interval"} & set(upgrade(legacy))

@@ -19,10 +19,11 @@ import artefacts
 import eval as eval_script
 import fileio
 import inference
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import REPO, TINY_MODEL, exits_2, run_training
 from data import DataError, load_mnist
-from ddpm_model import GaussianDiffusion, UNet
+from ddpm_model import ModelConfig, UNet
+from diffusion import DDPM, Diffusion, DiffusionConfig, SamplingSpec
 
 
 def no_temporaries(folder):
@@ -61,12 +62,16 @@ def test_unwritable_statistics_cache_costs_only_time(train_flags, tmp_path, caps
 
 @pytest.mark.parametrize("flags,message", [
     (["--timesteps", "10"], "the linear schedule needs --timesteps of at least 20"),
-    (["--timesteps", "25", "--sample_steps", "30"], "steps must be between 1 and the model's 25 timesteps, got 30"),
-    (["--sample_method", "heun"], "method must be one of ('ddpm', 'ddim', 'dpm_solver'), got 'heun'"),
-    (["--formulation", "edm", "--sample_method", "ddpm", "--sample_steps", "20"], "ddpm takes all 1000 levels, not 20"),
+    (["--timesteps", "25", "--sample_steps", "30"], "--sample_steps must be between 1 and the model's 25 noise levels, "
+                                                    "got 30"),
+    (["--sample_method", "euler"], "argument --sample_method: invalid choice: 'euler'"),
+    (["--formulation", "edm", "--sample_method", "ddpm", "--sample_steps", "20"],
+     "--sample_steps 20: ddpm takes all 1000 noise levels of the model"),
     (["--formulation", "edm", "--min_snr_gamma", "5"], "--min_snr_gamma weights the ddpm loss"),
-    (["--formulation", "flow", "--p_std", "0"], "p_std and sigma_min must be positive"),
-    (["--sample_method", "ddpm", "--sample_steps", "5"], "ddpm takes all of the model's 1000 steps, not 5"),
+    (["--formulation", "flow", "--p_std", "0"], "--sigma_data and --p_std must be positive"),
+    (["--sample_method", "ddpm", "--sample_steps", "1000", "--sample_eta", "0"], "--sample_eta 0.0: ddpm is ancestral sampling"),
+    (["--autoguidance_scale", "1"], "--autoguidance_scale needs a weaker network to steer away from"),
+    (["--guidance_interval", "5,1"], "--guidance_interval takes two noise levels LO,HI with 0 <= LO < HI"),
     (["--eval_samples", "2"], "--eval_samples: 2 images, but the metrics need at least 10"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--channel_mult", "0"], "take positive integers"),
@@ -90,7 +95,7 @@ def test_short_linear_schedule_trains(train_flags, tmp_path):
     summary = run_training(train_flags + ["--experiment_name", "t20", "--timesteps", "20", "--max_steps", "2",
                                  "--min_snr_gamma", "5"])
     ckpt = load_checkpoint(str(tmp_path / "runs" / "t20" / "best_model.pth"))
-    assert GaussianDiffusion(**ckpt["diffusion_config"]).alphas_cumprod[-1] == 0
+    assert model_from_checkpoint(ckpt)[1].alphas_cumprod[-1] == 0
     assert np.isfinite(summary["final_loss"]) and 0 < summary["final_loss"] < 10
     assert np.isfinite(ckpt["train_state"]["best"]["value"])  # the evaluation's samples were scored
 
@@ -170,8 +175,8 @@ def test_full_disk_keeps_the_last_checkpoint(train_flags, tmp_path, capsys, monk
 
 
 def test_nan_message_is_true_without_a_checkpoint(train_flags, capsys, monkeypatch):
-    real_loss = GaussianDiffusion.training_loss
-    monkeypatch.setattr(GaussianDiffusion, "training_loss", lambda self, *a, **k: real_loss(self, *a, **k) * float("nan"))
+    real_loss = Diffusion.training_loss
+    monkeypatch.setattr(Diffusion, "training_loss", lambda self, *a, **k: real_loss(self, *a, **k) * float("nan"))
     with pytest.raises(SystemExit) as exc:
         run_training(train_flags + ["--experiment_name", "nan", "--max_steps", "4"])
     assert exc.value.code == 1
@@ -241,8 +246,8 @@ def test_no_op_resume_keeps_the_summary(train_flags, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "m.pth"
-    model = UNet(**TINY_MODEL)
-    save_checkpoint(str(path), model, model, GaussianDiffusion(20))
+    model = UNet(ModelConfig(**TINY_MODEL))
+    save_checkpoint(str(path), model, model, DDPM(DiffusionConfig(timesteps=20)), SamplingSpec())
     return str(path)
 
 

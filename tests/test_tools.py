@@ -49,38 +49,36 @@ def test_sampler_table_scores_every_row_of_a_group(tmp_path, train_flags, data_d
     assert table.read_text().count("| real MNIST test |") == 1
 
 
-def test_sampler_table_skips_the_samplers_a_model_lacks(tmp_path, train_flags, data_dir, monkeypatch):
-    """On a ddpm model the samplers group scores its DDIM and DPM-Solver++(2M) rows and skips heun and 3M;
-    re-scoring a group drops its rows of another model, which the skipped rows would otherwise leave, and the
-    rows it no longer has."""
+def test_sampler_table_scores_every_sampler_on_a_ddpm_model(tmp_path, train_flags, data_dir, monkeypatch):
+    """Every sampler serves every formulation: on a ddpm model heun scores too (2 levels - 1 calls). Re-scoring
+    a group drops its rows of another model and the rows it no longer has; --missing scores only the rows the
+    table lacks, with the same seed as before."""
     run_training(train_flags + ["--experiment_name", "ddpm", "--max_steps", "1", "--formulation", "ddpm"])
     model = str(tmp_path / "runs" / "ddpm" / "last.pth")
-    assert samplers.methods_of(model) == ("ddpm", "ddim", "dpm_solver")
-    samplers.main(["--only", "samplers", "--model", model, "--num_samples", "10", "--no_inception", "--data_dir",
-                   data_dir, "--out", str(tmp_path / "out"), "--table", str(tmp_path / "samplers.md")])
+    rows_of = dict(samplers.GROUPS["samplers"][2])
+    two = [(label, rows_of[label]) for label in ("heun 6 levels, ODE", "ddim 50, eta 1")]
+    monkeypatch.setitem(samplers.GROUPS, "samplers", samplers.GROUPS["samplers"][:2] + (two,))
+    flags = ["--only", "samplers", "--model", model, "--num_samples", "10", "--no_inception", "--data_dir", data_dir,
+             "--out", str(tmp_path / "out"), "--table", str(tmp_path / "samplers.md")]
+    samplers.main(flags)
     rows = json.loads((tmp_path / "samplers.json").read_text())["rows"]
-    expected = [label for label, flags in samplers.GROUPS["samplers"][2]
-                if not any(m in flags for m in ("heun", "dpm_solver_3m"))]
-    assert [r["model"] for r in rows] == expected and len(expected) == 9
+    assert [(r["model"], r["network_evaluations"]) for r in rows] == [("heun 6 levels, ODE", 11), ("ddim 50, eta 1", 50)]
     stale = dict(rows[0], model="heun 18 levels, ODE", source="elsewhere.pth")
     (tmp_path / "samplers.json").write_text(json.dumps(dict(rows=rows + [stale])))
-    last_row = samplers.GROUPS["samplers"][2][-1]  # "ddim 50, eta 1": the group's only row now
+    last_row = two[-1]  # "ddim 50, eta 1": the group's only row now
     monkeypatch.setitem(samplers.GROUPS, "samplers", samplers.GROUPS["samplers"][:2] + ([last_row],))
-    samplers.main(["--only", "samplers", "--model", model, "--num_samples", "10", "--no_inception", "--data_dir",
-                   data_dir, "--out", str(tmp_path / "out"), "--table", str(tmp_path / "samplers.md")])
+    samplers.main(flags)
     again = json.loads((tmp_path / "samplers.json").read_text())["rows"]
     assert [(r["model"], r["source"]) for r in again] == [(last_row[0], model)]
 
     def missing_run(rows):  # --missing scores only the rows the JSON lacks
         (tmp_path / "samplers.json").write_text(json.dumps(dict(rows=rows)))
-        samplers.main(["--only", "samplers", "--model", model, "--missing", "--num_samples", "10", "--no_inception",
-                       "--data_dir", data_dir, "--out", str(tmp_path / "out"), "--table", str(tmp_path / "samplers.md")])
+        samplers.main(flags + ["--missing"])
         return {r["model"]: r for r in json.loads((tmp_path / "samplers.json").read_text())["rows"]}
     marked = [dict(r, fid_mnist=-1.0) if r["model"] == last_row[0] else r for r in again]
     assert missing_run(marked)[last_row[0]]["fid_mnist"] == -1.0
     rescored = missing_run([r for r in again if r["model"] != last_row[0]])[last_row[0]]["fid_mnist"]
     assert rescored == next(r["fid_mnist"] for r in again if r["model"] == last_row[0])  # the same seed, again
-    assert {samplers.row_method(flags) for _, flags in samplers.GROUPS["guidance"][2]} == {"dpm_solver"}
 
 
 def test_the_guidance_table_names_the_best_scale_that_keeps_the_class(tmp_path):
@@ -157,15 +155,15 @@ def test_sampler_table_rows_guide_as_labelled_whatever_the_shipped_default():
 
     def sampler(source, flags):
         args = eval_script.build_parser().parse_args(["--pretrained", source.split(":")[1], *flags])
-        return load_model(args, [eval_script.build_parser().parse_args(flags).method]).samplers.popitem()[1]
+        return next(iter(load_model(args).specs.values()))
     for group, (source, _, rows) in samplers.GROUPS.items():
         for label, flags in rows:
             s = sampler(source, flags)
             if group == "guidance":
                 autoguidance, _, class_scale = samplers.row_guidance(label)
-                assert (s.guidance_scale, s.class_guidance) == (autoguidance, class_scale), label
+                assert (s.autoguidance_scale, s.guidance_scale) == (autoguidance, class_scale), label
             if group == "samplers" or label in ("w 0", "unguided"):
-                assert not s.guided, (group, label)
+                assert not (s.guidance_scale or s.autoguidance_scale), (group, label)
             elif "sigma in" in label:
                 assert s.guidance_interval == tuple(map(float, label.split("(")[1].rstrip("]").split(","))), label
             else:

@@ -1,4 +1,5 @@
 """End-to-end training runs on a tiny model with the real MNIST shipped in the repository."""
+import dataclasses
 import gc
 import json
 import math
@@ -23,8 +24,8 @@ import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import REPO, exits_2, grid_tiles, run_training
 from data import DataError, load_mnist, to_uint8
-from ddpm_model import GaussianDiffusion
-from sampling import digit_rows, generate, load_model, sampler_settings
+from diffusion import Diffusion, SamplingSpec, check_sampling
+from sampling import digit_rows, generate, load_model
 from trainer import Trainer, TrainingLoop, lr_factor
 
 
@@ -87,10 +88,13 @@ def test_end_to_end_artefacts(train_flags, tmp_path, conditional):
     assert summary_file["best_model"]["metric"] == "fid_mnist" and summary_file["steps"] == 6
 
     # The grid is the EMA's samples with the run's sampler and seed: 10x10, one row per digit if conditional.
-    model, diffusion = model_from_checkpoint(load_checkpoint(str(exp / "last.pth")))
+    ckpt = load_checkpoint(str(exp / "last.pth"))
+    model, diffusion = model_from_checkpoint(ckpt)
     labels = digit_rows(10, 10) if conditional else None
-    sampler = sampler_settings(diffusion, "dpm_solver", 2, None, 0.5 if conditional else 0.0)
-    expected = to_uint8(generate(model, diffusion, 100, sampler, labels=labels, batch_size=100, seed=0)).numpy()
+    spec = check_sampling(SamplingSpec("dpm_solver", 2, guidance_scale=0.5 if conditional else 0.0), diffusion.levels,
+                          conditional, has_guide=False)
+    assert ckpt["sampling"] == dict(dataclasses.asdict(spec), guidance_interval=None)  # the grids' spec is the default
+    expected = to_uint8(generate(model, diffusion, 100, spec, labels=labels, batch_size=100, seed=0)).numpy()
     assert np.abs(grid_tiles(exp / "samples" / "epoch_000.png").astype(int) - expected).max() <= 1
     for name in ("loss_curve.png", "noise_schedule.png"):
         plot = np.asarray(Image.open(exp / "visualizations" / name).convert("L"))
@@ -130,8 +134,8 @@ def test_resume_is_exact(train_flags, formulation):
 def test_guide_snapshot_is_the_ema_at_its_share_of_the_run(train_flags, tmp_path):
     """--guide_snapshot 0.5 of a 6-step run: the guide is the EMA of step 3, frozen from then on and held by
     every later checkpoint; a run resumed before the snapshot takes the same one, a run resumed after it
-    keeps it; and the run's checkpoints sample with autoguidance at its --guidance_scale by default."""
-    flags = train_flags + ["--formulation", "flow", "--guide_snapshot", "0.5", "--guidance_scale", "1.5",
+    keeps it; and the run's checkpoints sample with autoguidance at its --autoguidance_scale by default."""
+    flags = train_flags + ["--formulation", "flow", "--guide_snapshot", "0.5", "--autoguidance_scale", "1.5",
                            "--guidance_interval", "0.2,20"]
 
     def train(max_steps, name=None, resume=None):
@@ -152,10 +156,9 @@ def test_guide_snapshot_is_the_ema_at_its_share_of_the_run(train_flags, tmp_path
     a, b = (load_checkpoint(str(runs / name / "last.pth"))["guide"] for name in ("once", "resumed"))
     assert a["step"] == b["step"] == 3 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert resumed.guide_step == 3
-    loaded = load_model(inference.build_parser().parse_args(["--model_path", str(runs / "once" / "last.pth")]),
-                        ["dpm_solver"])
-    assert loaded.guide_model is not None
-    assert loaded.samplers["dpm_solver"].describe() == "dpm_solver, 20 steps, eta 1, autoguidance w 1.5 at sigma (0.2, 20]"
+    loaded = load_model(inference.build_parser().parse_args(["--model_path", str(runs / "once" / "last.pth")]))
+    assert loaded.guide_model is not None  # the run's sampler (--sample_steps 2), guided as the run was
+    assert loaded.specs["dpm_solver"].describe() == "dpm_solver, 2 steps, eta 1, autoguidance w 1.5 at sigma (0.2, 20]"
 
 
 def test_speed_flags_keep_the_training_step(train_flags):
@@ -187,7 +190,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(train_flags, tmp_path, mo
     run_training(train_flags + ["--experiment_name", "nan", "--max_steps", "4"])
     last = tmp_path / "runs" / "nan" / "last.pth"
     good = load_checkpoint(str(last))
-    real_loss = GaussianDiffusion.training_loss
+    real_loss = Diffusion.training_loss
     calls = []
 
     def poisoned(self, *args, **kwargs):
@@ -195,7 +198,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(train_flags, tmp_path, mo
         loss = real_loss(self, *args, **kwargs)
         return loss * float("nan") if len(calls) >= 2 else loss
 
-    monkeypatch.setattr(GaussianDiffusion, "training_loss", poisoned)
+    monkeypatch.setattr(Diffusion, "training_loss", poisoned)
     with pytest.raises(SystemExit) as exc:
         run_training(["--resume", str(last), "--max_steps", "10"])
     assert exc.value.code == 1
@@ -233,7 +236,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path, tiny_flags):
     (["--compile", "fast"], "invalid choice"),
     (["--sample_eta", "-1"], "--sample_eta must not be negative"),
     (["--guide_snapshot", "1"], "--guide_snapshot must be in [0, 1)"),
-    (["--guidance_scale", "1"], "an unconditional run guides only with --guide_snapshot"),
+    (["--guidance_scale", "1"], "unrecognized arguments: --guidance_scale 1"),  # classifier-free: conditional only
 ])
 def test_bad_flags(capsys, train_flags, bad, message):
     exits_2(capsys, lambda: run_training(train_flags + bad), message)
@@ -307,12 +310,13 @@ def test_cpu_preset_sets_the_swept_recipe_and_flags_override_it():
 def test_bench_times_the_preset_trainer_without_data(tmp_path):
     """bench.py builds the trainer train.py would build (the preset's exact network) and writes nothing but
     its report; the sampler columns follow from the measured network calls per second."""
-    from checkpoint import build_model
+    from config import create_model_and_diffusion
     from tools import bench
     bench.main(["--models", "cpu_preset", "--repeats", "1", "--device", "cpu", "--json", str(tmp_path / "b.json")])
     with open(tmp_path / "b.json") as f:
         (row,) = json.load(f)["rows"]
     preset_args, _ = config.parse_args(["--preset", "cpu"], conditional=False)
-    assert row["params"] == sum(p.numel() for p in build_model(config.model_config(preset_args), False).parameters())
+    model, _ = create_model_and_diffusion(config.model_config(preset_args, False), config.diffusion_config(preset_args))
+    assert row["params"] == sum(p.numel() for p in model.parameters())
     assert row["train_images_per_s"] > 0 and 0.5 < row["sampler_loop_overhead"] < 3
     assert os.listdir(tmp_path) == ["b.json"]

@@ -12,6 +12,7 @@ evaluations per second of the sampling network call and the images/s that gives 
 and achieved FLOP/s against a matmul peak in the models' dtype, measured in the same run.
 Warm-up first, then the median of --repeats timings.
 """
+import dataclasses
 import os
 import resource
 import shlex
@@ -23,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import config
 from cli import ArgumentParser, add_speed_args, guarded, replaced
-from ddpm_model import GaussianDiffusion
+from diffusion import DDPM, SamplingSpec, check_sampling, sample
 from fileio import write_json
 from runtime import amp_dtype, pick_device
 from tools.tables import choose
@@ -98,12 +99,13 @@ def sampling_call_time(net, device, batch, image_size, repeats, autocast):
 def sampler_overhead(net, device, batch, image_size, call_time, autocast, steps=5) -> float:
     """Wall time of a real DPM-Solver++ loop over `steps` steps / (steps x one network call): how far
     the images/s columns, derived from network evaluations per second, are from the full sampler."""
-    diffusion = GaussianDiffusion().to(device)
+    diffusion = DDPM().to(device)
+    spec = check_sampling(SamplingSpec("dpm_solver", steps), diffusion.levels, conditional=False, has_guide=False)
 
     def loop():
         with torch.inference_mode(), autocast():
-            diffusion.sample(net, (batch, 1, image_size, image_size), "dpm_solver", steps=steps, generator=0,
-                             device=device)
+            sample(lambda x, sigma: diffusion.denoise(net, x, sigma), diffusion, (batch, 1, image_size, image_size),
+                   spec, generator=0, device=device)
     return median_time(loop, device, repeats=1, warmup=1) / (steps * call_time)
 
 
@@ -183,7 +185,7 @@ def bench_model(name, flags, size, device, args, peak) -> list:
     rows = [speed_row(f"ours/{name}", model, size, forward_flops(model, x1, t1), step_time, call, args, peak,
                       overhead=sampler_overhead(sampler_net, device, args.sample_batch, size, call, autocast))]
     if args.compare and size == 32:
-        dmodel, dnet, dstep = bench_diffusers(model.config, device, args, autocast)
+        dmodel, dnet, dstep = bench_diffusers(dataclasses.asdict(model.config), device, args, autocast)
         dcall = sampling_call_time(dnet, device, args.sample_batch, 32, args.repeats, autocast)
         eager = lambda x, t: dmodel(x, t).sample  # FLOPs are counted outside torch.compile
         rows.append(speed_row("diffusers/UNet2DModel", dmodel, 32, forward_flops(eager, x1, t1), dstep, dcall, args,

@@ -37,8 +37,7 @@ def score(name: str, source: str, args, sampler_flags=()) -> dict:
     report = eval_script.main(flags)
     s = report["settings"]
     return dict(model=name, source=source, num_samples=s["num_images"], sampler=s["sampler"],
-                guidance_scale=s.get("guidance_scale"), class_guidance=s.get("class_guidance"),
-                network_evaluations=s["network_calls"],
+                sampling=report["sampling"], network_evaluations=s["network_calls"],
                 sampling_seconds=report["seconds"]["generation"], step=s["step"],
                 **{k: report.get(k) for k in METRICS}, floor={k: (report["floor"] or {}).get(k) for k in METRICS},
                 inception=not args.no_inception, date=time.strftime("%Y-%m-%d"), machine=machine())
