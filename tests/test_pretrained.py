@@ -38,6 +38,7 @@ def test_shipped_model_is_the_checksummed_sampling_copy(kind):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt["format"] == checkpoint.FORMAT and ckpt["conditional"] == (kind == "conditional")
     assert "train_state" not in ckpt and "model" not in ckpt  # EMA weights and configuration only
+    assert ckpt["version"] == checkpoint.VERSION and checkpoint.upgrade(ckpt) is ckpt  # written in today's format
 
 
 @pytest.mark.unit
