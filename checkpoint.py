@@ -42,7 +42,7 @@ FORMAT, VERSION = "ddpm-mnist-checkpoint", 2
 REQUIRED_KEYS = ("model_config", "diffusion_config", "conditional", "ema", "step")
 TRAINING_KEYS = ("model", "train_state")  # absent from a sampling copy
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-PRETRAINED = {"unconditional": "ddpm_mnist_unconditional.pt", "conditional": "ddpm_mnist_conditional.pt"}
+PRETRAINED = {"unconditional": "mnist_flow_unconditional.pt", "conditional": "mnist_flow_conditional.pt"}
 # What a network's output means is its diffusion_config less these, which only shape its training.
 TRAINING_ONLY = ("p_mean", "p_std", "range_loss", "timestep_sampling", "min_snr_gamma")
 
@@ -224,18 +224,14 @@ def pretrained_path(kind: str) -> str:
     return path
 
 
-def model_from_checkpoint(ckpt: dict, use_ema: bool = True):
-    """(model, diffusion) ready to sample from, on the CPU, in eval mode."""
-    if not use_ema and "model" not in ckpt:
-        raise CheckpointError("this checkpoint holds only the EMA weights (a sampling copy); --no_ema needs a run's "
-                              "last.pth or best_model.pth")
+def model_from_checkpoint(ckpt: dict):
+    """(model, diffusion) ready to sample from, with the EMA weights, on the CPU, in eval mode."""
     model, diffusion = create_model_and_diffusion(ckpt["model_config"], ckpt["diffusion_config"])
-    model.load_state_dict(ckpt["ema" if use_ema else "model"])  # into fp32 parameters, whatever the stored dtype
+    model.load_state_dict(ckpt["ema"])  # into fp32 parameters, whatever the stored dtype
     return model.eval(), diffusion
 
 
-@guarded
-def main(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Write the sampling copy of a checkpoint: EMA weights, model and diffusion "
                                    "config, the run's configuration and the default sampling spec; no optimizer "
                                    "state.")
@@ -248,7 +244,12 @@ def main(argv=None):
                         "hold: the network its autoguidance steers away from")
     p.add_argument("--bf16", action="store_true", help="store the EMA weights in bfloat16: half the size; they load "
                                                        "back into the fp32 network")
-    args = p.parse_args(argv)
+    return p
+
+
+@guarded
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if os.path.exists(args.output):
         raise UserError(f"{args.output} exists; remove it or choose another name")
     ckpt = load_checkpoint(args.checkpoint)

@@ -72,8 +72,11 @@ def add_fields(group, config_class, only=None, prefix: str = "", defaults: dict 
                unset: bool = False) -> None:
     """One flag --PREFIXNAME for each field of `config_class` declared with flag() (or each of `only`), with
     its type, help, choices and metavar; its default is the field's unless `defaults` names another, or None
-    for every flag when `unset` (the value then comes from elsewhere, a checkpoint's say)."""
+    for every flag when `unset` (the value then comes from elsewhere, a checkpoint's say). A field declared
+    without flag() is a fixed setting: it joins the parsed arguments with its default, and no flag sets it."""
     for f in dataclasses.fields(config_class):
+        if "help" not in f.metadata:
+            group.set_defaults(**{prefix + f.name: f.default})
         if "help" not in f.metadata or (only is not None and f.name not in only):
             continue
         kind = f.type

@@ -36,8 +36,8 @@ class TrainingConfig:
     resume: str | None = flag(None, "a last.pth to continue exactly", metavar="PATH")
     seed: int = flag(0, "the random seed: weights, data order, noise")
     ema_decay: float = flag(0.9999, "with warm-up min(decay, (1+n)/(10+n))")
-    grad_clip: float = flag(1.0, "max gradient norm; 0 disables")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
+    grad_clip: float = 1.0  # the most gradient norm a step takes (0: unclipped)
+    weight_decay: float = 0.0  # AdamW's
     warmup_steps: int = flag(500, "linear LR warm-up, then cosine to 0 at the end of the last epoch or of "
                                   "--time_budget")
     max_steps: int | None = flag(None, "stop after this many optimizer steps")
@@ -62,7 +62,7 @@ class GuideConfig:
 
 
 # The run's sampler, for its grids, its evaluations and its checkpoints' default: SamplingSpec's fields, the
-# sampler's three as --sample_method, --sample_steps and --sample_eta (--steps would read as the run's length).
+# sampler's as --sample_method and --sample_steps (--steps would read as the run's length), its eta the method's.
 SAMPLER_FIELDS = ("method", "steps", "eta")
 SPEC_FLAGS = {f.name: ("sample_" if f.name in SAMPLER_FIELDS else "") + f.name for f in dataclasses.fields(SamplingSpec)}
 CONDITIONAL_GUIDANCE = 0.5  # the classifier-free guidance of a conditional run's grids and checkpoints
@@ -103,7 +103,8 @@ def build_parser(conditional: bool) -> argparse.ArgumentParser:
     add_fields(p.add_argument_group("model"), ModelConfig)
     add_fields(p.add_argument_group("diffusion"), DiffusionConfig)
     sampling = p.add_argument_group("sampling: the run's sample grids and evaluations, and its checkpoints' default")
-    add_fields(sampling, SamplingSpec, only=SAMPLER_FIELDS, prefix="sample_")
+    add_fields(sampling, SamplingSpec, only=("method", "steps"), prefix="sample_")
+    sampling.set_defaults(sample_eta=None)  # a fixed setting: a run resumed from a checkpoint keeps its eta
     add_fields(sampling, SamplingSpec, only=("guidance_scale",) if conditional else (),
                defaults={"guidance_scale": CONDITIONAL_GUIDANCE})
     add_fields(sampling, SamplingSpec, only=("autoguidance_scale", "guidance_interval"))
@@ -148,7 +149,7 @@ def check(args, conditional: bool) -> None:
     for name in ("epochs", "batch_size", "model_channels", "num_res_blocks", "save_freq", "eval_freq", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "grad_clip", "weight_decay", "warmup_steps", "save_every_minutes"):
+    for name in ("lr", "warmup_steps", "save_every_minutes"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
     for name in ("dropout", "ema_decay", "guide_snapshot"):
@@ -200,9 +201,22 @@ def diffusion_config(args) -> dict:
     return dataclasses.asdict(DiffusionConfig(**fields_of(args, DiffusionConfig)))
 
 
+# Settings earlier versions had, at the value that is now the only one: a checkpoint that stored another
+# value is refused. (norm_groups: the most groups a GroupNorm had; logsnr_shift: a shift of DDPM's log-SNR;
+# timestep_sampling: lognormal drew DDPM's training timesteps at log-normal noise levels.)
+RETIRED = {"norm_groups": 32, "logsnr_shift": 0.0, "timestep_sampling": "uniform"}
+
+
 def stored_configs(model_config: dict, diffusion_config: dict) -> tuple:
     """(ModelConfig, num_classes or None, DiffusionConfig) of a configuration as checkpoints store it, those of
     earlier versions included; ValueError for a setting this version does not take. Builds nothing."""
+    model_config, diffusion_config = dict(model_config), dict(diffusion_config)
+    for config in (model_config, diffusion_config):
+        for name, only in RETIRED.items():
+            value = config.pop(name, only)
+            if value != only:
+                raise ValueError(f"it was made with {name} {value!r}, a setting this version no longer has (only "
+                                 f"{only!r})")
     model_config = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()}
     num_classes = model_config.pop("num_classes", None)
     if model_config.pop("out_channels", model_config.get("in_channels", 1)) != model_config.get("in_channels", 1):

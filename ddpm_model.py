@@ -4,9 +4,8 @@ It maps a noisy image and its time input (and, in conditional_ddpm.py, a class) 
 What the input and output mean -- which noise level, which target -- is the business of the formulation
 around it (diffusion.py), so the same network serves DDPM, EDM and flow matching.
 """
-import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +27,6 @@ class ModelConfig:
     dropout: float = flag(0.1, "dropout in every residual block")
     activation: str = flag("relu", "the nonlinearity", choices=tuple(ACTIVATIONS))
     image_size: int = flag(28, "28 is native; larger even sizes pad the digits (32 to compare with 32x32-only models)")
-    norm_groups: int = flag(32, "the most groups a GroupNorm has (it keeps at least 4 channels a group; 1 is a "
-                                "layer norm)")
     in_channels: int = 1  # the data's: one for grey images
 
 
@@ -42,10 +39,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """max_groups groups (DDPM's 32), but never fewer than 4 channels a group: with one channel a group the
-    norm becomes an instance norm and erases each map's mean, which small models need (background level)."""
-    groups = min(max_groups, max(1, channels // 4))
+def group_norm(channels: int) -> nn.GroupNorm:
+    """32 groups (DDPM's), but never fewer than 4 channels a group: with one channel a group the norm becomes
+    an instance norm and erases each map's mean, which small models need (background level)."""
+    groups = min(32, max(1, channels // 4))
     while channels % groups:
         groups -= 1
     return nn.GroupNorm(groups, channels)
@@ -54,11 +51,11 @@ def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
 class ResBlock(nn.Module):
     """Two 3x3 convolutions with the (time [+ class]) embedding added in between."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, act: type, norm: Callable = group_norm):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, act: type):
         super().__init__()
-        self.in_layers = nn.Sequential(norm(in_ch), act(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(in_ch), act(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_proj = nn.Sequential(act(), nn.Linear(emb_dim, out_ch))
-        self.out_layers = nn.Sequential(norm(out_ch), act(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(group_norm(out_ch), act(), nn.Dropout(dropout),
                                         nn.Conv2d(out_ch, out_ch, 3, padding=1))
         nn.init.zeros_(self.out_layers[-1].weight)  # each block starts as the identity: stable early training
         nn.init.zeros_(self.out_layers[-1].bias)
@@ -72,10 +69,10 @@ class ResBlock(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention over all pixels of a feature map, with a residual connection."""
 
-    def __init__(self, channels: int, head_dim: int = 64, norm: Callable = group_norm):
+    def __init__(self, channels: int, head_dim: int = 64):
         super().__init__()
         self.heads = max(1, channels // head_dim)
-        self.norm = norm(channels)
+        self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.proj.weight)
@@ -125,13 +122,12 @@ class UNet(nn.Module):
         model_channels, channel_mult, image_size = config.model_channels, config.channel_mult, config.image_size
         num_res_blocks, dropout, attention_resolutions = config.num_res_blocks, config.dropout, config.attention_resolutions
         self.model_channels = model_channels
-        norm = functools.partial(group_norm, max_groups=config.norm_groups)
         emb_dim = 4 * model_channels
         self.emb_dim = emb_dim
         self.time_mlp = nn.Sequential(nn.Linear(model_channels, emb_dim), act(), nn.Linear(emb_dim, emb_dim))
 
         def attention(ch: int, res: int) -> nn.Module:
-            return SelfAttention(ch, norm=norm) if res in attention_resolutions else nn.Identity()
+            return SelfAttention(ch) if res in attention_resolutions else nn.Identity()
 
         self.input_conv = nn.Conv2d(config.in_channels, model_channels, 3, padding=1)
         ch, res = model_channels, image_size
@@ -140,7 +136,7 @@ class UNet(nn.Module):
         for level, mult in enumerate(channel_mult):
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(ch, mult * model_channels, emb_dim, dropout, act, norm))
+                blocks.append(ResBlock(ch, mult * model_channels, emb_dim, dropout, act))
                 ch = mult * model_channels
                 attns.append(attention(ch, res))
                 skip_channels.append(ch)
@@ -150,14 +146,14 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
                 res = (res + 1) // 2
 
-        self.mid_blocks = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, act, norm) for _ in range(2)])
-        self.mid_attn = SelfAttention(ch, norm=norm)
+        self.mid_blocks = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, act) for _ in range(2)])
+        self.mid_attn = SelfAttention(ch)
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(ch + skip_channels.pop(), mult * model_channels, emb_dim, dropout, act, norm))
+                blocks.append(ResBlock(ch + skip_channels.pop(), mult * model_channels, emb_dim, dropout, act))
                 ch = mult * model_channels
                 attns.append(attention(ch, res))
             if level > 0:
@@ -166,7 +162,7 @@ class UNet(nn.Module):
                     res = (res + 1) // 2
             self.up.append(Level(blocks, attns, Upsample(ch) if level > 0 else None))
 
-        self.out = nn.Sequential(norm(ch), act(), nn.Conv2d(ch, config.in_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch), act(), nn.Conv2d(ch, config.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

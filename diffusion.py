@@ -6,7 +6,7 @@ this as a preconditioning, which turns F into a denoiser, an estimate of x0:
 
     D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, t_in(sigma))
 
-- ddpm, the seed's discrete process (Ho et al. 2020): T timesteps, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
+- ddpm, the discrete process of the DDPM paper (Ho et al. 2020): T timesteps, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
   which is c_in x at sigma_t = sqrt((1 - abar_t) / abar_t), c_in = 1 / sqrt(1 + sigma^2). The network sees x_t
   and t, and predicts eps (D = x - sigma eps), x0 or v (k-diffusion's DiscreteEpsDDPMDenoiser).
 - edm: c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2)
@@ -36,7 +36,6 @@ from cli import flag
 FORMULATIONS = ("ddpm", "edm", "flow")
 PREDICTIONS = ("eps", "x0", "v")
 BETA_SCHEDULES = ("linear", "cosine")
-TIMESTEP_SAMPLING = ("uniform", "lognormal")
 RANGE_LOSSES = ("mse", "one_sided")
 DATA_RANGE = (-1.0, 1.0)  # what the samplers clamp every denoised estimate to
 CONTINUOUS_LEVELS = 1000  # edm and flow: the levels `ddpm` visits, and the most any sampler takes
@@ -54,18 +53,13 @@ class DiffusionConfig:
     timesteps: int = flag(1000, "ddpm: diffusion steps T")
     beta_schedule: str = flag("linear", "ddpm: the noise schedule", choices=BETA_SCHEDULES)
     prediction: str = flag("eps", "ddpm: what the network predicts", choices=PREDICTIONS)
-    logsnr_shift: float = flag(0.0, "ddpm: added to the schedule's log-SNR at every step; > 0 is less noise "
-                                    "(for small images)")
-    timestep_sampling: str = flag("uniform", "ddpm: training timesteps uniform, or lognormal: at ln(sigma) ~ "
-                                             "N(p_mean, p_std^2)", choices=TIMESTEP_SAMPLING)
     min_snr_gamma: float = flag(0.0, "ddpm: Min-SNR-gamma loss weighting (Hang et al. 2023); 0 is the plain loss")
-    sigma_data: float = flag(0.5, "edm: the data's scale in its preconditioning")
-    p_mean: float = flag(-1.2, "edm, flow, ddpm's lognormal timesteps: training noise levels "
-                               "ln(sigma) ~ N(p_mean, p_std^2)")
+    p_mean: float = flag(-1.2, "edm, flow: training noise levels ln(sigma) ~ N(p_mean, p_std^2)")
     p_std: float = flag(1.2, "see --p_mean")
     range_loss: str = flag("mse", "one_sided leaves out the errors beyond the end of the data range a pixel's "
                                   "target sits at (the samplers clamp them away); same minimiser as the mse",
                            choices=RANGE_LOSSES)
+    sigma_data: float = 0.5  # edm: the data's scale in its preconditioning
     sigma_min: float = 0.002  # the ends of edm's and flow's sampling grid (EDM's)
     sigma_max: float = 80.0
 
@@ -78,8 +72,7 @@ class DiffusionConfig:
 def check_diffusion(c: DiffusionConfig) -> None:
     """ValueError naming the first setting out of range; builds nothing."""
     for name, allowed in (("formulation", FORMULATIONS), ("beta_schedule", BETA_SCHEDULES),
-                          ("prediction", PREDICTIONS), ("timestep_sampling", TIMESTEP_SAMPLING),
-                          ("range_loss", RANGE_LOSSES)):
+                          ("prediction", PREDICTIONS), ("range_loss", RANGE_LOSSES)):
         if getattr(c, name) not in allowed:
             raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}")
     if c.timesteps < 1:
@@ -87,8 +80,10 @@ def check_diffusion(c: DiffusionConfig) -> None:
     if c.formulation == "ddpm" and c.beta_schedule == "linear" and c.timesteps < 20:  # its last beta is 20 / T
         raise ValueError(f"the linear schedule needs --timesteps of at least 20 (its last beta, 20 / T, must not "
                          f"exceed 1), got {c.timesteps}; the cosine schedule takes any T")
-    if not (c.sigma_data > 0 and c.p_std > 0 and 0 < c.sigma_min < c.sigma_max):
-        raise ValueError("--sigma_data and --p_std must be positive, and sigma_min below sigma_max")
+    if c.p_std <= 0:
+        raise ValueError(f"--p_std must be positive, got {c.p_std}")
+    if not (c.sigma_data > 0 and 0 < c.sigma_min < c.sigma_max):
+        raise ValueError("sigma_data must be positive, and sigma_min below sigma_max")
     if c.min_snr_gamma < 0:
         raise ValueError(f"--min_snr_gamma must not be negative, got {c.min_snr_gamma}")
     if c.formulation != "ddpm" and c.min_snr_gamma:
@@ -177,24 +172,15 @@ class Diffusion(nn.Module):
         return f"sigma={sigma:.3g}"
 
 
-def make_betas(schedule: str, timesteps: int, logsnr_shift: float = 0.0) -> torch.Tensor:
-    """Linear 1e-4..0.02 (Ho et al., scaled to T) or cosine (Nichol & Dhariwal 2021), in float64.
-
-    logsnr_shift adds a constant to log(alpha_bar / (1 - alpha_bar)) at every step: the resolution shift of
-    Hoogeboom et al. 2023 ("simple diffusion"), where positive values mean less noise.
-    """
+def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
+    """Linear 1e-4..0.02 (Ho et al., scaled to T) or cosine (Nichol & Dhariwal 2021), in float64."""
     if schedule == "linear":
         scale = 1000 / timesteps  # keeps the total noise of the T=1000 schedule for other T
-        betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
-    else:
-        s = 0.008  # cosine
-        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    if logsnr_shift == 0:
-        return betas
-    ac = torch.sigmoid(torch.logit(torch.cumprod(1 - betas, 0)) + logsnr_shift)
-    return 1 - ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    s = 0.008  # cosine
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
 
 
 def select_timesteps(timesteps: int, steps: int, spacing: str = "uniform", alphas_cumprod=None) -> list:
@@ -220,13 +206,13 @@ def select_timesteps(timesteps: int, steps: int, spacing: str = "uniform", alpha
 
 
 class DDPM(Diffusion):
-    """The seed's discrete process: T timesteps of a linear or cosine beta schedule, the network predicting eps,
+    """The discrete process of the DDPM paper: T timesteps of a linear or cosine beta schedule, the network predicting eps,
     x0 or v from x_t and the integer t. Its noise levels are its timesteps' sigma_t, and its samplers visit
     those (uniformly spaced for ddpm and ddim, in log-SNR for the others)."""
 
     def __init__(self, config: DiffusionConfig = DiffusionConfig()):
         super().__init__(config)
-        betas = make_betas(config.beta_schedule, config.timesteps, config.logsnr_shift)
+        betas = make_betas(config.beta_schedule, config.timesteps)
         alphas_cumprod = torch.cumprod(1 - betas, 0)
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod.clamp(min=MIN_ALPHA_BAR)).sqrt()  # increasing in t
         self.sigma_table = sigmas.tolist()  # float64, for the sampling grid
@@ -253,15 +239,8 @@ class DDPM(Diffusion):
         return c_skip, c_out, c_in, self.timestep(sigma)
 
     def draw_noise_levels(self, n: int, device, generator=None) -> torch.Tensor:
-        """sigma_t at training timesteps t: uniform over 0..T-1, or (lognormal) the first t whose sigma_t is at or
-        above a draw of ln(sigma) ~ N(p_mean, p_std^2)."""
-        c = self.config
-        if c.timestep_sampling == "uniform":
-            t = torch.randint(0, self.levels, (n,), device=device, generator=generator)
-        else:
-            sigma = (c.p_mean + c.p_std * torch.randn(n, device=device, generator=generator)).exp()
-            t = torch.searchsorted(self.sigmas, sigma).clamp(max=self.levels - 1)
-        return self.sigmas[t]
+        """sigma_t at training timesteps t uniform over 0..T-1, as the paper trains."""
+        return self.sigmas[torch.randint(0, self.levels, (n,), device=device, generator=generator)]
 
     def loss_weight(self, sigma: torch.Tensor):
         """Min-SNR-gamma (Hang et al. 2023) for min_snr_gamma > 0: the loss in x0 terms, SNR-weighted but capped

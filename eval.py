@@ -6,7 +6,6 @@ class accuracy and pixel statistics, beside the real-data floor.
     python eval.py --model_path checkpoints/NAME/best_model.pth --num_samples 1000 --batch_size 50
     python eval.py --samples samples.npz          # an npz from inference.py --save_npz, or a PNG folder
     python eval.py --real test                    # the MNIST test split: the floor every model is held to
-    python eval.py --real noised                  # noised (or blurred) test digits, for a sense of scale
 """
 import argparse
 import dataclasses
@@ -19,7 +18,6 @@ import zipfile
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import fileio
@@ -30,21 +28,6 @@ from metrics import Evaluator, check_sample_count
 from runtime import pick_device
 from sampling import add_sampling_args, default_labels, generate, load_model
 
-
-def add_noise(images: torch.Tensor, std: float = 60.0) -> torch.Tensor:
-    """Gaussian pixel noise (std in 0..255 units), seeded."""
-    noise = std * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
-    return (images.float() + noise).clamp(0, 255).round().to(torch.uint8)
-
-
-def blur(images: torch.Tensor, size: int = 5) -> torch.Tensor:
-    """A size x size box blur."""
-    return F.avg_pool2d(images.float()[:, None], size, stride=1, padding=size // 2)[:, 0].round().to(torch.uint8)
-
-
-# The real sets of --real: each a function of the test images and the parsed flags.
-REAL_SETS = {"test": lambda images, args: images, "noised": lambda images, args: add_noise(images, args.noise_std),
-             "blurred": lambda images, args: blur(images)}
 REPORT_KEYS = ("fid_inception", "is_inception_mean", "is_inception_std", "fid_mnist", "is_mnist_mean",
                "is_mnist_std", "precision", "recall", "class_accuracy", "faint_pixels")
 
@@ -54,10 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p, batch_size=50)
     p.add_argument("--num_samples", type=int, default=1000, help="samples to generate (or real images to take)")
     p.add_argument("--samples", default=None, metavar="PATH", help="evaluate an npz (images, labels) or a PNG folder")
-    p.add_argument("--real", choices=sorted(REAL_SETS), default=None,
-                   help="evaluate the real MNIST test split (test), or degraded copies of it (the floor's scale)")
-    p.add_argument("--noise_std", type=float, default=60.0,
-                   help="--real noised: the Gaussian pixel noise's std, in grey levels of 0..255")
+    p.add_argument("--real", choices=["test"], default=None, help="evaluate the real MNIST test split: the floor")
     p.add_argument("--save_dir", default=None,
                    help="default: eval/ beside the checkpoint (outputs/pretrained_KIND/eval for --pretrained, ./eval for "
                         "--samples and --real)")
@@ -158,8 +138,6 @@ def main(argv=None):
         raise UserError("give one of --model_path, --pretrained, --samples or --real")
     from_model = not (args.samples or args.real)
     check_sample_count(args.num_samples, "--num_samples")
-    if args.noise_std < 0:
-        raise UserError(f"--noise_std must be at least 0, got {args.noise_std}")
     settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), source=args.samples)
     labels, generation_seconds = None, 0.0
     if from_model:  # every input is checked before the evaluator's setup
@@ -182,7 +160,7 @@ def main(argv=None):
         sampling = dataclasses.asdict(spec)
         settings.update(source=loaded.model_path, sampler=spec.describe(),
                         formulation=loaded.diffusion.config.formulation, seed=args.seed,
-                        batch_size=loaded.batch_size, ema=not args.no_ema, step=loaded.ckpt["step"], amp=args.amp)
+                        batch_size=loaded.batch_size, step=loaded.ckpt["step"], amp=args.amp)
         if loaded.guide_model is not None:
             settings["guide_model"] = args.guide_model or f"the guide held by {loaded.model_path}"
         start = time.perf_counter()
@@ -196,8 +174,8 @@ def main(argv=None):
         images = to_uint8(x)
         generation_seconds = time.perf_counter() - start
     elif args.real:
-        images = REAL_SETS[args.real](evaluator.test_images[:args.num_samples], args)
-        settings["source"] = f"MNIST test split ({args.real})"
+        images = evaluator.test_images[:args.num_samples]
+        settings["source"] = "MNIST test split"
     settings["num_images"] = len(images)
 
     result = evaluator.evaluate(images, labels)

@@ -29,7 +29,6 @@ def add_sampling_args(p: argparse.ArgumentParser, batch_size: int | None = None)
     p.add_argument("--batch_size", type=int, default=batch_size, help="images per sampling batch" + (
         "" if batch_size else "; None: 256 on CUDA, 64 elsewhere (faster than larger batches on CPUs)"))
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--no_ema", action="store_true", help="sample the raw weights instead of the EMA")
     add_speed_args(p, "the network call")
 
 
@@ -66,7 +65,7 @@ def load_model(args, methods=None, extra=(), want_conditional: bool = False) -> 
         kind = args.pretrained or ("conditional" if want_conditional else "unconditional")
         path, output_root = pretrained_path(kind), os.path.join("outputs", f"pretrained_{kind}")
     ckpt = load_checkpoint(path)
-    model, diffusion = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
+    model, diffusion = model_from_checkpoint(ckpt)
     guide_model = guide_from_checkpoint(ckpt, args.guide_model)
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingSpec)}
     specs = {}

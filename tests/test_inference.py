@@ -70,9 +70,9 @@ def test_unconditional_modes(checkpoints, tmp_path):
 
 
 @pytest.mark.unit
-def test_the_seeds_samplers_serve_a_flow_model(tmp_path):
-    """--method both and --comparison (DDPM against DDIM) work on a model of a continuous formulation too: its
-    ddpm is ancestral sampling over 1000 noise levels, its ddim the same map with eta 0."""
+def test_the_papers_samplers_serve_a_flow_model(tmp_path):
+    """--comparison (DDPM against DDIM) works on a model of a continuous formulation too: its ddpm is ancestral
+    sampling over 1000 noise levels, its ddim the same map with eta 0."""
     torch.manual_seed(0)
     model = UNet(ModelConfig(**TINY_MODEL))
     for p in model.parameters():
@@ -81,12 +81,11 @@ def test_the_seeds_samplers_serve_a_flow_model(tmp_path):
     save_checkpoint(str(path), model, model, FlowMatching(DiffusionConfig(formulation="flow", p_mean=0.0, p_std=1.0)),
                     SamplingSpec())
     out = tmp_path / "out"
-    inference.main(["--model_path", str(path), "--method", "both", "--ddim_steps", "5", "--comparison",
+    inference.main(["--model_path", str(path), "--method", "ddim", "--ddim_steps", "5", "--comparison",
                     "--num_samples", "4", "--output_dir", str(out)])
     timing = json.loads((out / "comparison.json").read_text())
     assert timing["ddpm_steps"] == 1000 and timing["ddim_steps"] == 5 and timing["eta"] == 0
-    ddpm, ddim = grid_tiles(out / "samples_ddpm.png"), grid_tiles(out / "samples_ddim.png")
-    assert ddpm.shape == ddim.shape == (4, 28, 28) and not np.array_equal(ddpm, ddim)
+    assert is_drawn(out / "comparison.png") and grid_tiles(out / "samples_ddim.png").shape == (4, 28, 28)
 
 
 @pytest.mark.unit
@@ -121,7 +120,7 @@ def tiny_model(checkpoints, conditional):
 
 
 @pytest.mark.unit
-def test_trajectory_runs_from_the_seeds_noise_to_the_samples(checkpoints):
+def test_trajectory_runs_from_the_noise_to_the_samples(checkpoints):
     model, diffusion = tiny_model(checkpoints, False)
     spec = SamplingSpec("ddim", 4, 0.0)
     images, trajectory = generate(model, diffusion, 3, spec, seed=7, return_intermediates=True)

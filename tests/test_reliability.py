@@ -68,8 +68,8 @@ def test_unwritable_statistics_cache_costs_only_time(train_flags, tmp_path, caps
     (["--formulation", "edm", "--sample_method", "ddpm", "--sample_steps", "20"],
      "--sample_steps 20: ddpm takes all 1000 noise levels of the model"),
     (["--formulation", "edm", "--min_snr_gamma", "5"], "--min_snr_gamma weights the ddpm loss"),
-    (["--formulation", "flow", "--p_std", "0"], "--sigma_data and --p_std must be positive"),
-    (["--sample_method", "ddpm", "--sample_steps", "1000", "--sample_eta", "0"], "--sample_eta 0.0: ddpm is ancestral sampling"),
+    (["--formulation", "flow", "--p_std", "0"], "--p_std must be positive, got 0.0"),
+    (["--norm_groups", "1"], "unrecognized arguments: --norm_groups 1"),  # a setting this version no longer has
     (["--autoguidance_scale", "1"], "--autoguidance_scale needs a weaker network to steer away from"),
     (["--guidance_interval", "5,1"], "--guidance_interval takes two noise levels LO,HI with 0 <= LO < HI"),
     (["--eval_samples", "2"], "--eval_samples: 2 images, but the metrics need at least 10"),

@@ -178,12 +178,13 @@ def test_speed_flags_keep_the_training_step(train_flags):
     assert 0 < abs(results["bf16"][0] - loss) < 0.02 * loss and 0 < abs(results["bf16"][1] - grad) < 0.05 * grad
 
 
-def test_sample_eta_reaches_the_sampler(train_flags, tmp_path):
+def test_sample_method_reaches_the_sampler_and_the_checkpoint(train_flags, tmp_path):
     grids = []
-    for eta in ("0", "1"):
-        run_training(train_flags + ["--experiment_name", f"eta{eta}", "--max_steps", "2", "--sample_eta", eta])
-        grids.append(Image.open(tmp_path / "runs" / f"eta{eta}" / "samples" / "epoch_000.png").tobytes())
-    assert grids[0] != grids[1]  # the same weights and seed: only the sampler's noise differs
+    for method in ("ddim", "heun"):
+        run_training(train_flags + ["--experiment_name", method, "--max_steps", "2", "--sample_method", method])
+        grids.append(Image.open(tmp_path / "runs" / method / "samples" / "epoch_000.png").tobytes())
+        assert load_checkpoint(str(tmp_path / "runs" / method / "last.pth"))["sampling"]["method"] == method
+    assert grids[0] != grids[1]  # the same weights and seed: only the sampler differs
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(train_flags, tmp_path, monkeypatch):
@@ -234,7 +235,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path, tiny_flags):
     (["--channel_mult", "1,x"], "comma-separated integers"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 is not supported on cpu"),
     (["--compile", "fast"], "invalid choice"),
-    (["--sample_eta", "-1"], "--sample_eta must not be negative"),
+    (["--sample_steps", "0"], "--sample_steps must be between 1 and the model's 1000 noise levels, got 0"),
     (["--guide_snapshot", "1"], "--guide_snapshot must be in [0, 1)"),
     (["--guidance_scale", "1"], "unrecognized arguments: --guidance_scale 1"),  # classifier-free: conditional only
 ])
@@ -320,3 +321,4 @@ def test_bench_times_the_preset_trainer_without_data(tmp_path):
     assert row["params"] == sum(p.numel() for p in model.parameters())
     assert row["train_images_per_s"] > 0 and 0.5 < row["sampler_loop_overhead"] < 3
     assert os.listdir(tmp_path) == ["b.json"]
+

@@ -54,21 +54,14 @@ CANDIDATES = {
     "edm_p0": Candidate("formulation", dict(formulation="edm", p_mean=0.0, p_std=1.6),
                         "EDM, ln(sigma) ~ N(0, 1.6^2): more training at the noise levels where digits take shape"),
     "flow_relu": Candidate("network", dict(activation="relu"), "flow matching on the ReLU U-Net"),
-    # the discrete process's schedule and timesteps
-    "ddpm_lognormal": Candidate("schedule", dict(DDPM, timestep_sampling="lognormal", p_mean=0.0, p_std=1.0),
-                                "ddpm with its timesteps drawn at ln(sigma) ~ N(0, 1): flow's noise levels, ddpm's loss"),
+    # the discrete process's schedule
     "ddpm_cosine": Candidate("schedule", dict(DDPM, beta_schedule="cosine"), "ddpm, cosine schedule"),
-    "ddpm_cosine_shift2": Candidate("schedule", dict(DDPM, beta_schedule="cosine", logsnr_shift=2.0),
-                                    "ddpm, cosine schedule shifted by +2 in log-SNR (less noise, for 28x28)"),
-    "ddpm_cosine_shift-1": Candidate("schedule", dict(DDPM, beta_schedule="cosine", logsnr_shift=-1.0),
-                                     "ddpm, cosine schedule shifted by -1 in log-SNR (more noise)"),
     # the network at CPU scale
     "flow_attn7": Candidate("network", dict(attention_resolutions=(7,)), "self-attention at 7x7 (1.11M)"),
     "flow_124_attn7": Candidate("network", dict(channel_mult=(1, 2, 4), attention_resolutions=(7,)),
                                 "channels 32/64/128 and attention at 7x7 (2.73M)"),
     "flow_16_64_128": Candidate("network", dict(model_channels=16, channel_mult=(1, 4, 8)),
                                 "channels 16/64/128: parameters at low resolution (2.37M, 0.45 GFLOP)"),
-    "flow_norm1": Candidate("network", dict(norm_groups=1), "one group per GroupNorm"),
     "flow_ema9995": Candidate("ema", dict(ema_decay=0.9995), "EMA decay 0.9995"),
     "flow_ema998": Candidate("ema", dict(ema_decay=0.998), "EMA decay 0.998"),
     # guidance by the run's own earlier EMA (autoguidance, Karras et al. 2024): no extra training

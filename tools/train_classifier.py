@@ -16,7 +16,7 @@ from fileio import atomic_write, write_json
 from metrics import CLASSIFIER_PATH, MnistClassifier, classifier_outputs
 
 
-def main(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch_size", type=int, default=128)
@@ -24,7 +24,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data_dir", default="./data")
     p.add_argument("--out", default=CLASSIFIER_PATH)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     images, labels = load_mnist(args.data_dir, train=True)
     model = MnistClassifier()
