@@ -92,7 +92,7 @@ def setup(args, given: set, conditional: bool, check_new: bool = True):
         exp_dir = os.path.dirname(os.path.abspath(args.resume))
         fileio.remove_stale_temporaries(exp_dir)
     else:
-        kind = "conditional" if conditional else "ddpm"
+        kind = args.formulation + ("_conditional" if conditional else "")  # flow_conditional_20261207-101500, say
         args = replaced(args, experiment_name=args.experiment_name or f"{kind}_{datetime.datetime.now():%Y%m%d-%H%M%S}")
         exp_dir = os.path.join(args.output_dir, args.experiment_name)
         if check_new:

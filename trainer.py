@@ -311,6 +311,52 @@ class LossLog:
         return loss, images_per_sec
 
 
+def duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} seconds"
+
+
+class CpuForecast:
+    """What a run of no preset on a CPU says: before the first step, what it trains and that --preset cpu
+    trains a good model in minutes there; once the steps after the first (which warms up) are timed, the
+    images/s measured and the time the rest of the run takes at that rate."""
+    TIMED_STEPS = 3
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.times = [] if trainer.is_main and trainer.device.type == "cpu" and not trainer.args.preset else None
+
+    def last_step(self) -> int:
+        tr = self.trainer
+        return tr.total_steps if tr.args.max_steps is None else min(tr.args.max_steps, tr.total_steps)
+
+    def start(self) -> None:
+        if self.times is not None:
+            tr = self.trainer
+            tqdm.write(f"this run trains a {sum(p.numel() for p in tr.model.parameters()):,}-parameter U-Net for "
+                       f"{self.last_step() - tr.step:,} steps of {tr.args.batch_size} images on the CPU; --preset cpu "
+                       "trains a good model in about 10 minutes there")
+            sys.stdout.flush()
+
+    def step_done(self) -> None:
+        if self.times is None:
+            return
+        self.times.append(time.perf_counter())
+        if len(self.times) <= self.TIMED_STEPS:
+            return
+        tr = self.trainer
+        seconds_per_step = (self.times[-1] - self.times[0]) / self.TIMED_STEPS
+        left = (self.last_step() - tr.step) * seconds_per_step
+        if tr.budget_seconds is not None:
+            left = min(left, tr.budget_seconds - tr.clock.agreed)
+        tqdm.write(f"{tr.args.batch_size / seconds_per_step:.1f} images/s measured: the rest of the run takes about "
+                   f"{duration(left)} at this rate, sample grids and evaluations aside")
+        sys.stdout.flush()
+        self.times = None
+
+
 class TrainingLoop:
     """Epochs of Trainer steps until the run stops, with last.pth, sample grids, plots and evaluations when
     they are due (rank 0 writes, the other ranks wait), and summary.json at the end."""
@@ -322,6 +368,7 @@ class TrainingLoop:
         self.stop = StopPolicy(args.max_steps, args.time_budget, trainer.world, trainer.device)
         self.stop.checkpoint_is_current = trainer.saved_step == trainer.step
         self.out, self.last_metrics, self.images_per_sec = None, {}, None
+        self.forecast = CpuForecast(trainer)
 
     def checkpoint(self) -> None:
         self.trainer.checkpoint()
@@ -346,6 +393,7 @@ class TrainingLoop:
             tr.step, tr.step_in_epoch = tr.step + 1, tr.step_in_epoch + 1
             self.stop.checkpoint_is_current = False
             bar.update()
+            self.forecast.step_done()
             stopping = self.out_of_budget()
             tr.take_guide_when_due()
             save_due = (args.save_every_minutes > 0 and not stopping
@@ -400,6 +448,7 @@ class TrainingLoop:
             if self.out_of_budget():
                 print(f"nothing to train: the run is at step {tr.step} ({self.stop.reason})", flush=True)
                 return None
+            self.forecast.start()
             while tr.epoch < args.epochs and not self.out_of_budget():  # a stop during an epoch's evaluation too
                 self.run_epoch(writer, interactive)
                 finished_epoch = tr.step_in_epoch == tr.batches.per_epoch

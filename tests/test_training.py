@@ -322,3 +322,17 @@ def test_bench_times_the_preset_trainer_without_data(tmp_path):
     assert row["train_images_per_s"] > 0 and 0.5 < row["sampler_loop_overhead"] < 3
     assert os.listdir(tmp_path) == ["b.json"]
 
+
+def test_a_cpu_run_without_a_preset_says_what_it_trains_and_how_long_it_takes(train_flags, capsys):
+    """Before its first step: what it trains and that --preset cpu trains a good model; once three steps after
+    the first are timed: the images/s and the time the rest takes. A preset run says neither."""
+    run_training(train_flags + ["--experiment_name", "long", "--max_steps", "6", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert re.search(r"this run trains a [\d,]+-parameter U-Net for 6 steps of 16 images on the CPU; --preset cpu "
+                     r"trains a good model in about 10 minutes", out), out
+    measured = re.search(r"([\d.]+) images/s measured: the rest of the run takes about ([\d.]+) seconds", out)
+    assert measured and float(measured.group(1)) > 0 and float(measured.group(2)) < 60, out
+    run_training(train_flags + ["--experiment_name", "preset", "--preset", "cpu", "--max_steps", "5", "--device", "cpu",
+                                "--model_channels", "8", "--eval_samples", "20"])
+    out = capsys.readouterr().out
+    assert "--preset cpu trains" not in out and "images/s measured" not in out
