@@ -334,9 +334,9 @@ class CpuForecast:
 
     def start(self) -> None:
         if self.times is not None:
-            tr = self.trainer
+            tr, steps = self.trainer, self.last_step() - self.trainer.step
             tqdm.write(f"this run trains a {sum(p.numel() for p in tr.model.parameters()):,}-parameter U-Net for "
-                       f"{self.last_step() - tr.step:,} steps of {tr.args.batch_size} images on the CPU; --preset cpu "
+                       f"{steps:,} step{'s' * (steps != 1)} of {tr.args.batch_size} images on the CPU; --preset cpu "
                        "trains a good model in about 10 minutes there")
             sys.stdout.flush()
 
