@@ -1,55 +1,110 @@
 """The documentation cannot drift from the code: the flag reference is generated from the parsers, every
-flag the README names is one a script takes, and the README's layers are the modules' real imports."""
+command in the README and docs names a script that exists and flags it takes, the tables the tools write are
+what their JSON gives, and every function docs/how_it_works.md names is one of the repository's."""
 import ast
 import glob
-import json
+import importlib
 import os
 import re
+import shlex
 
 import pytest
 
+import checkpoint
 import config
 import eval as eval_script
 import inference
 from conftest import REPO
-from tools import bench, flags, results, samplers, sweep, tables
+from tools import bench, flags, results, samplers, sweep, tables, train_classifier
 
 pytestmark = pytest.mark.unit
+DOCS = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
+PARSERS = {"train.py": lambda: config.build_parser(False), "train_conditional.py": lambda: config.build_parser(True),
+           "inference.py": inference.build_parser, "eval.py": eval_script.build_parser,
+           "checkpoint.py": checkpoint.build_parser, "tools.bench": bench.build_parser,
+           "tools.sweep": sweep.build_parser, "tools.results": results.build_parser,
+           "tools.samplers": samplers.build_parser, "tools.train_classifier": train_classifier.build_parser,
+           "tools.flags": None}
+OTHERS = {"pytest", "venv", "-c"}  # python -m pytest, python3 -m venv, python -c "..."
 
 
-def read_readme() -> str:
-    with open(os.path.join(REPO, "README.md")) as f:
+def read(path: str) -> str:
+    with open(path) as f:
         return f.read()
 
 
+def commands(text: str):
+    """(script, [flags]) of each `python SCRIPT ...` or `torchrun ... SCRIPT ...` in a text: the flags up to the
+    end of the command (a backtick, a comment, a table cell or the line's end; a trailing backslash continues)."""
+    text = text.replace("\\\n", " ")
+    pattern = r"\bpython (?:-m )?(-c|[\w./]+)([^`#|\n]*)|\btorchrun [^`#|\n]*?(\w+\.py)([^`#|\n]*)"
+    for match in re.finditer(pattern, text):
+        script, rest = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+        if not script.startswith("tools.") and script not in OTHERS:
+            script = script.removesuffix(".py") + ".py"
+        yield script, [token.split("=")[0] for token in shlex.split(rest, posix=False) if token.startswith("--")]
+
+
 def test_flag_reference_is_current():
-    with open(flags.PATH) as f:
-        assert f.read() == flags.flags_reference(), "docs/flags.md is stale: run python -m tools.flags"
+    assert read(flags.PATH) == flags.flags_reference(), "docs/flags.md is stale: run python -m tools.flags"
 
 
-def test_readme_names_only_real_flags():
-    named = set(re.findall(r"(?<![\w-])--[a-z][a-z_-]+", read_readme()))
-    parsers = [config.build_parser(False), config.build_parser(True), inference.build_parser(), eval_script.build_parser(),
-               sweep.build_parser(), bench.build_parser(), results.build_parser(), samplers.build_parser()]
-    known = {name for p in parsers for action in p._actions for name in action.option_strings}
-    tools = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint",
-             "--logdir", "--no-deps", "--help"}  # torchrun's, tensorboard's, pip's
-    assert named - known - tools == set()
+def test_every_command_in_the_docs_runs_a_real_script_with_its_own_flags():
+    for path in DOCS:
+        for script, named in commands(read(path)):
+            if script in OTHERS:
+                continue
+            assert script in PARSERS, f"{os.path.basename(path)} runs {script}, which is not a script here"
+            known = {"--help"} if PARSERS[script] is None else {
+                name for action in PARSERS[script]()._actions for name in action.option_strings}
+            assert set(named) <= known, f"{os.path.basename(path)}: {script} takes no {sorted(set(named) - known)}"
 
 
-def test_docs_run_only_scripts_that_exist():
-    """`python X.py` names a file at the root, `python -m tools.X` a module in tools/: the docs follow a move."""
-    for path in [os.path.join(REPO, "README.md")] + glob.glob(os.path.join(REPO, "docs", "*.md")):
-        with open(path) as f:
-            text = f.read()
-        scripts = re.findall(r"python (?:-m )?([\w./]+?)(?:\.py)?(?=[\s`])", text)
-        for script in set(scripts) - {"pytest", "-c", "venv"}:
-            module = script.replace(".", "/") if "/" not in script else script
-            assert os.path.isfile(os.path.join(REPO, module + ".py")), f"{os.path.basename(path)} runs {script}"
+def test_the_command_reader_sees_what_a_doc_runs():
+    """The reader above, on known answers: a comment, a table cell and a continued line."""
+    text = ("python train.py --preset cpu  # --not_this\n| `python -m tools.sweep --only x` | --nor_this |\n"
+            "torchrun --nproc_per_node 8 train.py \\\n  --batch_size 8\npython -c \"import x\"")
+    assert list(commands(text)) == [("train.py", ["--preset"]), ("tools.sweep", ["--only"]),
+                                    ("train.py", ["--batch_size"]), ("-c", [])]
+
+
+@pytest.mark.parametrize("tool", [sweep, results, samplers])
+def test_generated_tables_are_what_their_json_gives(tool, tmp_path):
+    """Each tool's table, written again from its JSON alone, is the one in docs/."""
+    default = tool.build_parser().get_default("table")
+    _, rows = tables.load_rows(os.path.join(REPO, default))
+    (tmp_path / "docs").mkdir()
+    tool.write_table(rows, str(tmp_path / default), tables.machines(rows))
+    assert read(str(tmp_path / default)) == read(os.path.join(REPO, default)), f"{default} is stale"
+
+
+def code_references(text: str) -> list:
+    """The `name()` and `Class.method()` a page names as the repository's code."""
+    return re.findall(r"`([A-Za-z_][\w.]*)\(\)`", text)
+
+
+def test_how_it_works_names_only_the_repositorys_functions():
+    modules = [importlib.import_module(os.path.relpath(p, REPO)[:-3].replace(os.sep, "."))
+               for p in glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "tools", "*.py"))]
+
+    def resolves(name: str) -> bool:
+        for module in modules:
+            target = module
+            for part in name.split("."):
+                target = getattr(target, part, None)
+            if callable(target) and getattr(target, "__module__", "").split(".")[0] in {
+                    m.__name__.split(".")[0] for m in modules}:
+                return True
+        return False
+    names = code_references(read(os.path.join(REPO, "docs", "how_it_works.md")))
+    assert len(set(names)) >= 25  # the page names its code
+    assert [n for n in names if not resolves(n)] == []
+    assert not resolves("torch.randn") and not resolves("Diffusion.no_such_method")  # the check can fail
 
 
 def test_tables_name_the_machine_of_each_row(tmp_path):
     """A table rewritten elsewhere keeps its rows' machines: an older JSON names one for all its rows."""
+    import json
     table = tmp_path / "t.md"
     (tmp_path / "t.json").write_text(json.dumps(dict(machine="host A", rows=[{"x": 1}, {"x": 2, "machine": "host B"}])))
     _, rows = tables.load_rows(str(table))
@@ -68,35 +123,20 @@ def test_preset_values_are_typed_and_known_flags(conditional):
             assert getattr(args, name) == value and type(getattr(args, name)) is type(value), name
 
 
-# ----------------------------------------------------------------------------- the layers
-
-def repository_modules() -> dict:
-    """{module name: path} for the product at the root and the tooling in tools/."""
-    paths = glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "tools", "*.py"))
-    return {os.path.relpath(p, REPO)[:-3].replace(os.sep, "."): p for p in paths}
-
-
-def imports(path: str, known) -> set:
-    """The repository modules a file imports anywhere, deferred imports (inside functions) included."""
-    found = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        found |= {name for name in names if name in known}
-    return found - {"tools"}
-
-
-def import_graph() -> dict:
-    modules = repository_modules()
-    return {name: imports(path, modules) for name, path in modules.items()}
-
-
 def test_no_import_circle():
-    graph, state, path = import_graph(), {}, []
+    """The modules at the root and in tools/ import each other without a circle, deferred imports included."""
+    paths = glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "tools", "*.py"))
+    names = {os.path.relpath(p, REPO)[:-3].replace(os.sep, "."): p for p in paths}
+    graph = {}
+    for name, path in names.items():
+        found = set()
+        for node in ast.walk(ast.parse(read(path))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = found & set(names)
+    state, path = {}, []
 
     def visit(module):
         state[module] = "open"
@@ -110,17 +150,5 @@ def test_no_import_circle():
     for module in sorted(graph):
         if module not in state:
             visit(module)
-
-
-def test_readme_layers_are_the_imports():
-    """The README's layer table lists every module once, from the bottom up, and each imports only modules
-    of lower rows or of its own; the product never imports the tooling."""
-    rows = re.findall(r"^\| (\d) \| [^|]+ \| ([^|]+) \|$", read_readme(), flags=re.M)
-    layer = {name.strip("` ").removesuffix(".py").replace("/", "."): int(n)
-             for n, names in rows for name in names.split(",")}
-    graph = import_graph()
-    assert sorted(layer) == sorted(graph), "the README's layers name exactly the modules"
-    for module, deps in graph.items():
-        for dep in deps:
-            assert layer[dep] <= layer[module], f"{module} (layer {layer[module]}) imports {dep} (layer {layer[dep]})"
-            assert not (dep.startswith("tools.") and not module.startswith("tools.")), f"{module} imports {dep}"
+    assert not any(dep.startswith("tools.") for module, deps in graph.items() if not module.startswith("tools.")
+                   for dep in deps), "the product imports the tooling"

@@ -323,6 +323,17 @@ def test_bench_times_the_preset_trainer_without_data(tmp_path):
     assert os.listdir(tmp_path) == ["b.json"]
 
 
+def test_the_readmes_python_snippet_trains_a_step_and_samples(data_dir, tmp_path, monkeypatch):
+    """The README's snippet runs as printed, from a folder whose ./data is MNIST: a finite loss, and 16 images."""
+    snippet = re.search(r"```python\n(.*?)```", open(os.path.join(REPO, "README.md")).read(), re.S).group(1)
+    os.symlink(data_dir, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert torch.isfinite(scope["loss"]) and scope["samples"].shape == (16, 1, 28, 28)
+    assert scope["samples"].abs().max() <= 1
+
+
 def test_a_cpu_run_without_a_preset_says_what_it_trains_and_how_long_it_takes(train_flags, capsys):
     """Before its first step: what it trains and that --preset cpu trains a good model; once three steps after
     the first are timed: the images/s and the time the rest takes. A preset run says neither."""
