@@ -183,6 +183,7 @@ class Trainer:
     def train_state(self) -> dict:
         state = dict(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                      step_in_epoch=self.step_in_epoch, epoch_start_state=self.batches.epoch_start_state,
+                     order_state=self.batches.generator.get_state(),
                      noise_gen=self.noise_gen.get_state(), torch_rng=torch.get_rng_state(), history=self.history,
                      best=self.best, elapsed=self.clock.agreed)
         if self.device.type == "cuda":
@@ -197,6 +198,8 @@ class Trainer:
         self.scaler.load_state_dict(s["scaler"])
         self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], s["step_in_epoch"]
         self.batches.epoch_start_state = s["epoch_start_state"]
+        if "order_state" in s:  # where the next epoch's order comes from (absent before a run could resume at
+            self.batches.generator.set_state(s["order_state"])  # an epoch's end and replay its first epoch)
         self.noise_gen.set_state(s["noise_gen"])
         torch.set_rng_state(s["torch_rng"])
         if "cuda_rng" in s and self.device.type == "cuda":
