@@ -1,6 +1,6 @@
 """What a training run writes besides its checkpoints, on rank 0: sample grids, plots, TensorBoard
-scalars and hyperparameters, and the evaluations whose fid_mnist chooses best_model.pth. None of it
-may cost the run: `survive` reports a failure and lets training go on."""
+scalars and hyperparameters, and the evaluations that choose best_model.pth. None of it may cost the run:
+`survive` reports a failure and lets training go on."""
 import dataclasses
 import os
 import sys
@@ -19,7 +19,7 @@ class RunArtefacts:
     def __init__(self, args, exp_dir: str, ema, guide, diffusion, spec, evaluator, writer, device, pad: int):
         """`ema` is the network to sample (updated in place by the trainer) with the run's `spec`; `guide()` the
         network its autoguidance steers away from (None: not taken yet, and no autoguidance until it is);
-        `evaluator` a metrics.Evaluator (None: no evaluations); `pad` the border train.py adds to 28x28 digits."""
+        `evaluator` a metrics.Evaluator (None: no evaluations); `pad` the border training adds to the images."""
         self.args, self.exp_dir, self.ema, self.guide, self.diffusion = args, exp_dir, ema, guide, diffusion
         self.spec, self.evaluator, self.writer, self.device, self.pad = spec, evaluator, writer, device, pad
 
@@ -46,7 +46,8 @@ class RunArtefacts:
         images = self.generate(100 if labels is None else len(labels), labels)
         path = os.path.join(self.exp_dir, "samples", f"epoch_{epoch:03d}.png")
         utils.save_grid(images, path, nrow=10)
-        self.writer.add_image("samples", utils.grid_array(images, 10), step, dataformats="HW")
+        grid = utils.grid_array(images, 10)
+        self.writer.add_image("samples", grid, step, dataformats="HW" if grid.ndim == 2 else "HWC")
         return path
 
     def write_plots(self, history: dict) -> None:
@@ -57,26 +58,30 @@ class RunArtefacts:
 
     @torch.no_grad()
     def test_loss(self) -> float:
-        """EMA loss on a fixed part of the MNIST test split, with fixed noise: comparable across evaluations."""
+        """EMA loss on a fixed part of the test split (or of the held-out share of a folder), with fixed noise:
+        comparable across evaluations."""
         images, labels = self.evaluator.test_images, self.evaluator.test_labels
         n = min(self.args.eval_samples, len(images))
         gen = torch.Generator(self.device).manual_seed(1234)
         total = 0.0
         for start in range(0, n, 500):
-            x0 = to_model_range(F.pad(images[start:start + min(500, n - start)], (self.pad,) * 4).to(self.device))
+            x0 = F.pad(to_model_range(images[start:start + min(500, n - start)]), (self.pad,) * 4, value=-1.0)
+            x0 = x0.to(self.device)
             kwargs = {"y": labels[start:start + len(x0)].to(self.device)} if is_conditional(self.ema) else {}
             with autocast(self.device, self.args.amp):
                 total += self.diffusion.training_loss(self.ema, x0, kwargs, generator=gen).item() * len(x0)
         return total / n
 
     def evaluate(self, step: int) -> dict:
-        """Test loss, and the MNIST-domain sample metrics of eval.py with the run's sampler."""
+        """Test loss, and eval.py's sample metrics with the run's sampler: on MNIST its classifier's, elsewhere
+        fid_inception (none without the Inception network: then the test loss is all)."""
         metrics = {"test_loss": self.test_loss()}
-        n = self.args.eval_samples
-        labels = default_labels(self.ema, n)
-        images = to_uint8(self.generate(n, labels))
-        images = images[:, self.pad:self.pad + 28, self.pad:self.pad + 28]  # the classifier reads 28x28
-        metrics.update(self.evaluator.evaluate(images, labels, inception=False, sample_stats=False)["metrics"])
+        ev = self.evaluator
+        if ev.mnist or ev.inception is not None:
+            n = self.args.eval_samples
+            labels = default_labels(self.ema, n)
+            images = to_uint8(self.generate(n, labels))
+            metrics.update(ev.evaluate(images, labels, inception=not ev.mnist, sample_stats=False)["metrics"])
         for name, value in metrics.items():
             self.writer.add_scalar(f"eval/{name}", value, step)
         return metrics

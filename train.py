@@ -1,8 +1,9 @@
-"""Train an unconditional diffusion model on MNIST (train_conditional.py: the class-conditional one).
+"""Train an unconditional diffusion model (train_conditional.py: the class-conditional one).
 
     python train.py --preset cpu                              # a small model, ~10 minutes on 2 CPU cores
     python train.py --epochs 100 --batch_size 128 --lr 2e-4   # the documented model, on a GPU
     python train.py --resume checkpoints/NAME/last.pth        # continue exactly where it stopped
+    python train.py --preset cpu --dataset fashion_mnist      # another dataset, or a folder of images
 
 This file is the run: its folder, its configuration, the processes under torchrun and the error handling;
 trainer.py is the loop. One run = one folder <output_dir>/<experiment_name>/ holding config.json, last.pth,
@@ -21,9 +22,9 @@ import torch.distributed as dist
 import fileio
 from checkpoint import load_checkpoint
 from cli import UserError, check_output_dir, fail, replaced
-from config import parse_args, preset_values, spec_flags
-from data import load_mnist
-from metrics import Evaluator, check_sample_count
+from config import fit_to_data, parse_args, preset_values, spec_flags
+from data import has_test_split, held_out, is_named, load_dataset
+from metrics import TRAINING_REFERENCE_SIZE, Evaluator, check_sample_count
 from runtime import amp_dtype, pick_device
 from trainer import Trainer, TrainingLoop
 
@@ -97,15 +98,30 @@ def setup(args, given: set, conditional: bool, check_new: bool = True):
         exp_dir = os.path.join(args.output_dir, args.experiment_name)
         if check_new:
             prepare_new_run_dir(exp_dir)
-    return replaced(args, data_dir=os.path.abspath(args.data_dir)), exp_dir, ckpt  # resumable from another folder
+    dataset = args.dataset if is_named(args.dataset) else os.path.abspath(args.dataset)
+    return replaced(args, data_dir=os.path.abspath(args.data_dir), dataset=dataset), exp_dir, ckpt  # from anywhere
 
 
-def run_config(args, conditional: bool, world: int) -> dict:
-    """The configuration a run saves in config.json and in every checkpoint."""
-    return dict(args=dict(vars(args)), preset=args.preset and preset_values(args.preset, conditional),
+def run_config(args, conditional: bool, world: int, data: dict | None = None) -> dict:
+    """The configuration a run saves in config.json and in every checkpoint; `data`, ImageData.description()
+    of its training images."""
+    return dict(args=dict(vars(args)), data=data, preset=args.preset and preset_values(args.preset, conditional),
                 conditional=conditional, world_size=world,
                 torch=torch.__version__, torchvision=__import__("torchvision").__version__, git_commit=git_commit(),
                 command=" ".join(sys.argv))
+
+
+def training_data(args, conditional: bool, rank: int = 0) -> tuple:
+    """(args, train, test) of a run: its flags that follow the data (config.fit_to_data) and the ImageData it
+    trains on and tests on (rank 0 only): the dataset's test split, or a share of a folder held out."""
+    data = load_dataset(args.dataset, args.data_dir, train=True, image_size=args.image_size)
+    args = fit_to_data(args, data, conditional)
+    if data.classes and not is_named(args.dataset) and not conditional and rank == 0:
+        print(f"{args.dataset} has {len(data.classes)} class folders: train.py ignores them "
+              "(train_conditional.py learns them)", flush=True)
+    if not has_test_split(args.dataset):
+        return (args, *held_out(data))  # every rank trains on the same images
+    return args, data, load_dataset(args.dataset, args.data_dir, train=False, image_size=args.image_size) if rank == 0 else None
 
 
 def start(args, given: set, conditional: bool, rank: int, world: int, local_rank: int):
@@ -130,10 +146,13 @@ def start(args, given: set, conditional: bool, rank: int, world: int, local_rank
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", local_rank)
         amp_dtype(device, args.amp)  # a bad --device or --amp fails before the data loads
-        data = load_mnist(args.data_dir, train=True)
-        evaluator = Evaluator(args.data_dir, inception=False, device=device, train_images=data[0]) if rank == 0 else None
-        trainer = Trainer(args, conditional, exp_dir, data, run_config(args, conditional, world), ckpt, rank, world,
-                          device)
+        args, data, test = training_data(args, conditional, rank)
+        evaluator = None
+        if rank == 0:  # MNIST is scored by its classifier; other data by fid_inception, whose network is slow to load
+            evaluator = Evaluator(args.data_dir, inception=args.dataset != "mnist", device=device, splits=(data, test),
+                                  reference_size=TRAINING_REFERENCE_SIZE)
+        trainer = Trainer(args, conditional, exp_dir, (data.images, data.labels),
+                          run_config(args, conditional, world, data.description()), ckpt, rank, world, device)
         if trainer.is_main:
             fileio.write_json(os.path.join(exp_dir, "config.json"), trainer.run_config)  # once the run can start
     except (UserError, fileio.WriteError):

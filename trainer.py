@@ -30,6 +30,9 @@ from data import to_model_range
 from diffusion import check_sampling
 from runtime import amp_dtype, autocast
 
+# What chooses best_model.pth: the first of these an evaluation has (MNIST; other data with the Inception
+# network; without it)
+BEST_BY = ("fid_mnist", "fid_inception", "test_loss")
 # Why a run stops, in increasing strength: under DDP every rank adopts the strongest reason any rank has.
 STOP_REASONS = (None, "max_steps", "time_budget", "SIGINT", "SIGTERM")
 
@@ -106,12 +109,13 @@ class StopPolicy:
 
 
 class Batches:
-    """The training set on the device as uint8 (MNIST is small enough to index per batch, with no loader
+    """The training set on the device as uint8 (small enough to index per batch, with no loader
     workers), and each epoch's order, drawn from a generator whose state at the epoch's start is saved so
     that a resumed run replays the same epoch."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, pad: int, device, seed: int):
-        self.images = F.pad(images, (pad,) * 4).to(device)  # centred in black, like MNIST's own 20 -> 28 padding
+        # centred in black, like MNIST's own 20 -> 28 padding (only grey images [N, H, W] are ever padded)
+        self.images = (F.pad(images, (pad,) * 4) if pad else images).to(device)
         self.labels, self.batch_size, self.device = labels.to(device), batch_size, device
         self.per_epoch = len(images) // batch_size
         if self.per_epoch == 0:
@@ -133,8 +137,8 @@ class Trainer:
     def __init__(self, args, conditional: bool, exp_dir: str | None, data: tuple, run_config: dict | None = None,
                  ckpt: dict | None = None, rank: int = 0, world: int = 1, device=None):
         """`exp_dir`: where checkpoints go (None: nowhere, for a trainer that is only stepped); `data`: (uint8
-        images [N, 28, 28], labels [N]); `run_config`: what every checkpoint records of the run; `ckpt`: a
-        checkpoint to resume; `device`: this rank's device."""
+        images [N, H, W] or [N, H, W, C], labels [N]), padded to --image_size if smaller; `run_config`: what
+        every checkpoint records of the run; `ckpt`: a checkpoint to resume; `device`: this rank's device."""
         if args.batch_size % world:
             raise UserError(f"--batch_size {args.batch_size} (the global batch) must divide among {world} processes")
         self.args, self.conditional, self.exp_dir, self.run_config = args, conditional, exp_dir, run_config or {}
@@ -142,7 +146,7 @@ class Trainer:
         self.device = device or torch.device("cpu")
         amp = amp_dtype(self.device, args.amp)
         torch.manual_seed(args.seed + rank)  # dropout differs per rank
-        self.pad = (args.image_size - data[0].shape[-1]) // 2
+        self.pad = (args.image_size - data[0].shape[1]) // 2
         self.batches = Batches(*data, args.batch_size, self.pad, self.device, args.seed)
         self.total_steps = args.epochs * self.batches.per_epoch  # the LR schedule's length; --max_steps cuts it
         self.budget_seconds = None if args.time_budget is None else 60 * args.time_budget
@@ -235,6 +239,9 @@ class Trainer:
         """
         args, share = self.args, slice(self.rank, None, self.world)
         x0 = to_model_range(self.batches.images[idx])
+        if args.random_flip:  # drawn only then, so that runs without flips keep their random stream
+            flip = torch.rand(len(idx), device=self.device, generator=self.noise_gen) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
         sigma = self.diffusion.draw_noise_levels(len(idx), self.device, self.noise_gen)
         noise = torch.randn(x0.shape, device=self.device, generator=self.noise_gen)
         kwargs = {}
@@ -427,8 +434,9 @@ class TrainingLoop:
             if metrics:
                 print("evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
                 self.last_metrics = metrics
-                if tr.best["value"] is None or metrics["fid_mnist"] < tr.best["value"]:
-                    tr.best = {"metric": "fid_mnist", "value": metrics["fid_mnist"], "step": tr.step}
+                key = next(k for k in BEST_BY if k in metrics)
+                if tr.best["value"] is None or metrics[key] < tr.best["value"]:
+                    tr.best = {"metric": key, "value": metrics[key], "step": tr.step}
                     tr.save("best_model.pth")
         if tr.world > 1:
             dist.barrier()

@@ -13,25 +13,35 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
+from data import channels_first  # noqa: E402
 from fileio import atomic_write  # noqa: E402
 
 
 def as_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W] or model-range [N, 1, H, W] -> float [N, 1, H, W] in [0, 1]."""
+    """uint8 [N, H, W] or [N, H, W, C] (the exchange format), or model-range [N, C, H, W] -> float [N, C, H, W]
+    in [0, 1]."""
     if images.dtype == torch.uint8:
-        return images.reshape(images.shape[0], 1, *images.shape[-2:]).float() / 255
-    return ((images.float().clamp(-1, 1) + 1) / 2).reshape(images.shape[0], 1, *images.shape[-2:])
+        return channels_first(images).float() / 255
+    return (images.float().clamp(-1, 1) + 1) / 2
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 10, padding: int = 2) -> None:
-    """A PNG grid, nrow images per row, white-on-black as MNIST is."""
+    """A PNG grid, nrow images per row (grey images white-on-black, as MNIST is)."""
     grid = as_unit_range(images.detach().cpu())
     atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=nrow, padding=padding, format="png"))
 
 
+def picture(images: torch.Tensor) -> np.ndarray:
+    """float [N, C, H, W] in [0, 1] -> the first image as an HxW (grey) or HxWxC array, for matplotlib."""
+    x = images[0]
+    return (x[0] if x.shape[0] == 1 else x.permute(1, 2, 0)).numpy()
+
+
 def grid_array(images: torch.Tensor, nrow: int) -> np.ndarray:
-    """A grid as an HxW float array, for matplotlib and TensorBoard."""
-    return make_grid(as_unit_range(images.detach().cpu()), nrow=nrow, padding=2)[0].numpy()
+    """A grid as an HxW (grey) or HxWx3 float array, for matplotlib and TensorBoard."""
+    unit = as_unit_range(images.detach().cpu())
+    grid = make_grid(unit, nrow=nrow, padding=2)
+    return picture(grid[None, :unit.shape[1]])
 
 
 def save_comparison(grids: Sequence[torch.Tensor], titles: Sequence[str], path: str, nrow: int) -> None:
@@ -114,7 +124,7 @@ def plot_denoising_process(intermediates, path: str, describe_level, frames: int
         sigma, x = intermediates[i]
         for row in range(rows):
             ax = axes[row][col]
-            ax.imshow(as_unit_range(x[row:row + 1].cpu())[0, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(picture(as_unit_range(x[row:row + 1].cpu())), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:

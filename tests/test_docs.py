@@ -15,7 +15,7 @@ import config
 import eval as eval_script
 import inference
 from conftest import REPO
-from tools import bench, flags, results, samplers, sweep, tables, train_classifier
+from tools import bench, flags, results, samplers, sweep, tables, train_classifier, write_folder
 
 pytestmark = pytest.mark.unit
 DOCS = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
@@ -24,6 +24,7 @@ PARSERS = {"train.py": lambda: config.build_parser(False), "train_conditional.py
            "checkpoint.py": checkpoint.build_parser, "tools.bench": bench.build_parser,
            "tools.sweep": sweep.build_parser, "tools.results": results.build_parser,
            "tools.samplers": samplers.build_parser, "tools.train_classifier": train_classifier.build_parser,
+           "tools.write_folder": write_folder.build_parser,
            "tools.flags": None}
 OTHERS = {"pytest", "venv", "-c"}  # python -m pytest, python3 -m venv, python -c "..."
 

@@ -202,7 +202,7 @@ def test_bad_input_exits_2_and_writes_nothing(checkpoints, tmp_path, capsys, fla
 
 @pytest.mark.unit
 def test_bad_labels_and_non_checkpoint(checkpoints, tmp_path, capsys):
-    for flags, message in ((["--model_path", checkpoints[True], "--class_labels", "3,10"], "must lie in 0..9"),
+    for flags, message in ((["--model_path", checkpoints[True], "--class_labels", "3,10"], "'10' is neither a label in 0..9"),
                            (["--model_path", __file__], "not a PyTorch checkpoint")):
         exits_2(capsys, lambda: inference.main(flags + ["--output_dir", str(tmp_path / "out")]), message)
     assert not (tmp_path / "out").exists()

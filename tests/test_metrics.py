@@ -94,7 +94,7 @@ def test_png_folder_and_bad_inputs(tmp_path, data_dir):
     u = load_mnist(data_dir, train=False)[0][:12].numpy()
     for i, img in enumerate(u):
         Image.fromarray(img).save(tmp_path / f"{i:02d}.png")
-    images, labels = eval_script.load_samples(str(tmp_path))
+    images, labels = eval_script.load_samples(str(tmp_path), 28, 1, 10)
     assert np.array_equal(images.numpy(), u) and labels is None
     with pytest.raises(UserError, match="shape"):
         eval_script.to_uint8_images(np.zeros((4, 32, 32), np.uint8), "x")
@@ -103,7 +103,7 @@ def test_png_folder_and_bad_inputs(tmp_path, data_dir):
     npz = tmp_path / "bad.npz"
     np.savez(npz, pictures=u)
     with pytest.raises(UserError, match="no 'images'"):
-        eval_script.load_samples(str(npz))
+        eval_script.load_samples(str(npz), 28, 1, 10)
 
 
 @pytest.mark.unit

@@ -84,7 +84,7 @@ def test_bad_training_flags_write_nothing(capsys, train_flags, tmp_path, flags, 
 
 def test_conditional_flags_are_checked(capsys, train_flags):
     exits_2(capsys, lambda: run_training(train_flags + ["--num_classes", "5"], conditional=True),
-            "--num_classes must be at least 10: MNIST has labels 0-9")
+            "--num_classes 5 is fewer than the 10 classes of --dataset mnist")
     exits_2(capsys, lambda: run_training(train_flags + ["--guidance_scale", "-1"], conditional=True),
             "--guidance_scale must not be negative")
 
@@ -267,11 +267,11 @@ def test_eval_bad_inputs(capsys, tmp_path, tiny_checkpoint, monkeypatch, data_di
     (tmp_path / "png" / "0.png").write_bytes(b"not a png at all")
     exits_2(capsys, ev("--samples", str(tmp_path / "empty.npz")), "not a readable npz")
     exits_2(capsys, ev("--samples", str(tmp_path / "cut.npz")), "not a readable npz")
-    exits_2(capsys, ev("--samples", str(tmp_path / "png")), "not a readable PNG")
+    exits_2(capsys, ev("--samples", str(tmp_path / "png")), "not a readable image")
     exits_2(capsys, ev("--samples", write_npz(tmp_path / "few.npz", data_dir, n=3)),
             "3 images, but the metrics need at least 10")
     exits_2(capsys, ev("--samples", write_npz(tmp_path / "lab.npz", data_dir, labels=[12] * 20)),
-            "labels must be MNIST digits")
+            "labels must lie in 0..9")
     exits_2(capsys, ev("--real", "test", "--num_samples", "3"), "--num_samples: 3 images, but the metrics need")
     exits_2(capsys, ev("--real", "test", "--max_sample", "3"), "unrecognized arguments")
     exits_2(capsys, ev("--real", "test", "--inception_logits", str(tmp_path / "nope.pth")),
@@ -284,7 +284,8 @@ def test_eval_bad_inputs(capsys, tmp_path, tiny_checkpoint, monkeypatch, data_di
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("damage,message", [("missing", "could not read MNIST"), ("corrupt", "corrupt or truncated")])
+@pytest.mark.parametrize("damage,message", [("missing", "MNIST/raw and could not be downloaded (no network)"),
+                                            ("corrupt", "corrupt or truncated")])
 def test_eval_bad_data_folder(capsys, tmp_path, damage, message, monkeypatch, data_dir):
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -292,9 +293,9 @@ def test_eval_bad_data_folder(capsys, tmp_path, damage, message, monkeypatch, da
         for name in os.listdir(os.path.join(data_dir, "MNIST", "raw")):
             if name.endswith(".gz"):
                 (raw / name).write_bytes(b"\x1f\x8b garbage")
-    def offline(self):
+    def offline(*args, **kwargs):
         raise RuntimeError("no network")
-    monkeypatch.setattr("torchvision.datasets.MNIST.download", offline)
+    monkeypatch.setattr("data.download_url", offline)
     exits_2(capsys, lambda: eval_script.main(["--real", "test", "--no_inception", "--data_dir", str(tmp_path / "data"),
                                               "--save_dir", str(tmp_path / "out")]), message)
 

@@ -32,7 +32,9 @@ from trainer import Trainer, TrainingLoop, lr_factor
 def new_trainer(flags, conditional=False):
     """The Trainer train.py would build (its checkpoint's state when resumed), without the run's loop."""
     args, exp_dir, ckpt = train.setup(*config.parse_args(flags, conditional=conditional), conditional=conditional)
-    return Trainer(args, conditional, exp_dir, load_mnist(args.data_dir), train.run_config(args, conditional, 1), ckpt)
+    args, data, _ = train.training_data(args, conditional)
+    return Trainer(args, conditional, exp_dir, (data.images, data.labels),
+                   train.run_config(args, conditional, 1, data.description()), ckpt)
 
 
 def test_mnist_loads_offline_from_the_repository(data_dir):
@@ -263,7 +265,7 @@ def test_cli_help_shows_defaults():
                          capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"}).stdout
     for flag in ("--epochs", "--num_classes", "--p_uncond", "--preset", "--resume", "--time_budget"):
         assert flag in out
-    for flag, default in (("--epochs EPOCHS", "100"), ("--lr LR", "0.0002"), ("--num_classes NUM_CLASSES", "10"),
+    for flag, default in (("--epochs EPOCHS", "100"), ("--lr LR", "0.0002"), ("--num_classes NUM_CLASSES", "None"),
                           ("--batch_size BATCH_SIZE", "128"), ("--save_freq SAVE_FREQ", "10")):
         assert re.search(re.escape(flag) + r"\s+(\S.*?)?\(default: " + re.escape(default) + r"\)", out), flag
 
@@ -316,7 +318,7 @@ def test_bench_times_the_preset_trainer_without_data(tmp_path):
     bench.main(["--models", "cpu_preset", "--repeats", "1", "--device", "cpu", "--json", str(tmp_path / "b.json")])
     with open(tmp_path / "b.json") as f:
         (row,) = json.load(f)["rows"]
-    preset_args, _ = config.parse_args(["--preset", "cpu"], conditional=False)
+    preset_args, _ = config.parse_args(["--preset", "cpu", "--image_size", "28"], conditional=False)
     model, _ = create_model_and_diffusion(config.model_config(preset_args, False), config.diffusion_config(preset_args))
     assert row["params"] == sum(p.numel() for p in model.parameters())
     assert row["train_images_per_s"] > 0 and 0.5 < row["sampler_loop_overhead"] < 3
