@@ -171,7 +171,9 @@ def without_inception(monkeypatch) -> None:
 def test_colour_class_folder_trains_resumes_samples_in_colour_and_scores_by_inception(tmp_path, capsys, monkeypatch):
     root, data_dir = colour_classes(tmp_path / "pets"), str(tmp_path / "data")  # data_dir: the Inception cache
     runs = str(tmp_path / "runs")
-    flags = ["--preset", "cpu", *FLAGS, "--dataset", root, "--output_dir", runs, "--random_flip", "--data_dir", data_dir]
+    # No --preset: its --time_budget makes the learning rate follow the wall clock, which no two runs share.
+    flags = [*FLAGS, "--formulation", "flow", "--dataset", root, "--output_dir", runs, "--random_flip",
+             "--data_dir", data_dir]
     run_training(flags + ["--experiment_name", "once", "--max_steps", "8"], conditional=True)
     with monkeypatch.context() as patch:
         without_inception(patch)
