@@ -32,13 +32,6 @@ class ConditionalUNet(UNet):
         return self.forward_with_embedding(x, self.time_embedding(t) + self.class_embed(y))
 
 
-def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each label by the null class with probability p_uncond (the classifier-free training trick)."""
-    drop = torch.rand(y.shape, device=y.device, generator=generator) < p_uncond
-    return torch.where(drop, torch.full_like(y, null_class), y)
-
-
 class GuidedDenoiser:
     """D(x, sigma) of a model, guided away from worse estimates of the same image:
 

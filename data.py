@@ -2,8 +2,9 @@
 
 `load_dataset` returns a whole split as one uint8 tensor in the exchange format every script shares, [N, H, W]
 for grey images and [N, H, W, 3] for colour (the layout of the sample archives FID tools read), with its labels
-and class names. These datasets are small enough to index in memory (or on the GPU) instead of paying for
-DataLoader workers: MNIST is 47 MB, CIFAR-10 150 MB.
+and class names. Datasets up to 1 GiB of pixels are indexed in memory (or on the GPU) instead of paying for
+DataLoader workers: MNIST is 47 MB, CIFAR-10 150 MB. A larger folder is an ImageFiles, which reads its
+images from disk when indexed; training reads it through a DataLoader with workers.
 
 The named datasets are read through torchvision's classes from `--data_dir`, in torchvision's layout: the
 four gzip IDX files of the MNIST family under <data_dir>/<ClassName>/raw/, CIFAR-10 under
@@ -38,6 +39,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 DOWNLOAD_TIMEOUT = 15  # seconds without an answer before a download gives up: offline must not hang
 HELD_OUT_SHARE, HELD_OUT_MAX = 0.05, 1000  # of a folder, kept out of training for the test loss
+IN_MEMORY_BYTES = 2 ** 30  # a folder larger than this, as uint8 pixels, is read from disk during training
 
 
 class DataError(UserError):
@@ -192,35 +194,82 @@ def image_files(folder: str, flag: str = "--dataset") -> tuple[list, tuple]:
     return [(path, 0) for path in flat], ()
 
 
-def read_image(path: str) -> Image.Image:
+def open_image(path: str) -> Image.Image:
+    """The image's header (size and mode); its pixels are read by `decode`."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im
+        return Image.open(path)
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise DataError(f"{path}: not a readable image ({e})") from None
 
 
-def load_folder(folder: str, image_size: int | None, flag: str = "--dataset") -> ImageData:
+def decode(path: str, mode: str, image_size: int) -> torch.Tensor:
+    """One image file as uint8 [H, W] ("L") or [H, W, 3] ("RGB"), resized on its shorter side and
+    centre-cropped to image_size."""
+    try:
+        with Image.open(path) as im:
+            x = TF.pil_to_tensor(im.convert(mode))  # [C, H, W]
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: not a readable image ({e})") from None
+    if x.shape[1:] != (image_size, image_size):
+        x = TF.center_crop(TF.resize(x, image_size, antialias=True), image_size)
+    return x[0] if mode == "L" else x.permute(1, 2, 0)
+
+
+class ImageFiles:
+    """The images of a folder too large to hold in memory, read from disk when indexed. It stands for the
+    uint8 tensor [N, H, W] or [N, H, W, 3] it would be: `len`, `shape`, `dim()`, and indexing by an int, a
+    slice or a tensor of indices reads those images into one."""
+
+    def __init__(self, paths: list, mode: str, image_size: int):
+        self.paths, self.mode, self.image_size = paths, mode, image_size
+        self.shape = torch.Size((len(paths), image_size, image_size) + ((3,) if mode == "RGB" else ()))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def read(self, i: int) -> torch.Tensor:
+        return decode(self.paths[i], self.mode, self.image_size)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, int):
+            return self.read(index)
+        picked = range(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index).tolist()
+        out = torch.empty((len(picked),) + self.shape[1:], dtype=torch.uint8)
+        for k, i in enumerate(picked):
+            out[k] = self.read(i)
+        return out
+
+    def subset(self, idx: torch.Tensor) -> "ImageFiles":
+        return ImageFiles([self.paths[i] for i in idx.tolist()], self.mode, self.image_size)
+
+
+def load_folder(folder: str, image_size: int | None, flag: str = "--dataset",
+                in_memory_bytes: int | None = None) -> ImageData:
     """Every image of a folder at `image_size` (None: their own size, which must then be square and equal):
-    one channel if all are grey, else all in RGB; resized on the shorter side and centre-cropped."""
+    one channel if all are grey, else all in RGB; resized on the shorter side and centre-cropped. Held in
+    memory up to `in_memory_bytes` of pixels (default IN_MEMORY_BYTES), else read from disk as training asks
+    for them (ImageFiles)."""
     files, classes = image_files(folder, flag)
-    images = [read_image(path) for path, _ in files]
-    sizes = {im.size for im in images}
+    sizes, modes = set(), set()
+    for path, _ in files:  # headers only: the pixels are read once, into their place
+        with open_image(path) as im:
+            sizes.add(im.size)
+            modes.add(im.mode)
     if image_size is None:
         if len(sizes) > 1 or any(w != h for w, h in sizes):
             shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3])
             raise DataError(f"{flag} {folder}: the images are not all square and of one size ({shown}); give "
                             "--image_size to resize and centre-crop them")
         image_size = sizes.pop()[0]
-    mode = "L" if all(im.mode in GREY_MODES for im in images) else "RGB"
-    out = torch.empty((len(images), image_size, image_size) + ((3,) if mode == "RGB" else ()), dtype=torch.uint8)
-    for i, im in enumerate(images):
-        x = TF.pil_to_tensor(im.convert(mode))  # [C, H, W]
-        if x.shape[1:] != (image_size, image_size):
-            x = TF.center_crop(TF.resize(x, image_size, antialias=True), image_size)
-        out[i] = x[0] if mode == "L" else x.permute(1, 2, 0)
-    return ImageData(out, torch.tensor([label for _, label in files], dtype=torch.long), classes, folder)
+    mode = "L" if modes <= set(GREY_MODES) else "RGB"
+    labels = torch.tensor([label for _, label in files], dtype=torch.long)
+    images = ImageFiles([path for path, _ in files], mode, image_size)
+    if images.shape.numel() <= (IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes):
+        images = images[:]
+    return ImageData(images, labels, classes, folder)
 
 
 # ----------------------------------------------------------------------------- any dataset
@@ -237,14 +286,23 @@ def load_dataset(dataset: str, data_dir: str, train: bool = True, image_size: in
     return data
 
 
+def load_splits(dataset: str, data_dir: str, image_size: int | None = None) -> tuple:
+    """(train, test) ImageData of a dataset; test is None for a folder, which has no test split."""
+    return (load_dataset(dataset, data_dir, True, image_size),
+            load_dataset(dataset, data_dir, False, image_size) if has_test_split(dataset) else None)
+
+
 def held_out(data: ImageData) -> tuple[ImageData, ImageData]:
     """(train, held out) of a dataset without a test split: a fixed 5% of it (at most 1,000 images, at least
-    one) that training never sees, for the test loss."""
+    one) that training never sees, for the test loss. The held-out images are in memory in any case."""
     n = len(data.images)
     k = min(max(round(n * HELD_OUT_SHARE), 1), HELD_OUT_MAX, n - 1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    part = lambda idx: replace(data, images=data.images[idx.sort().values], labels=data.labels[idx.sort().values])
-    return part(order[k:]), part(order[:k])
+    train_idx, test_idx = order[k:].sort().values, order[:k].sort().values
+    train_images = (data.images.subset(train_idx) if isinstance(data.images, ImageFiles)
+                    else data.images[train_idx])
+    return (replace(data, images=train_images, labels=data.labels[train_idx]),
+            replace(data, images=data.images[test_idx], labels=data.labels[test_idx]))
 
 
 def channels_first(images: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,8 @@ import fileio
 import utils
 from checkpoint import data_of
 from cli import ArgumentParser, UserError, check_output_dir, guarded
-from data import PADDED, channels_first, has_test_split, load_dataset, load_folder, to_uint8
-from metrics import Evaluator, check_sample_count
+from data import PADDED, channels_first, has_test_split, load_folder, load_splits, to_uint8
+from metrics import TRAIN_SAMPLE, Evaluator, check_sample_count
 from runtime import pick_device
 from sampling import add_sampling_args, default_labels, generate, load_model
 
@@ -82,7 +82,7 @@ def load_samples(path: str, size: int, channels: int, num_classes: int):
     """(uint8 images, labels or None) from an npz or a folder of images, checked against the dataset's image
     `size`, `channels` and `num_classes`."""
     if os.path.isdir(path):
-        images = to_uint8_images(load_folder(path, None, "--samples").images, path, size, channels)
+        images = to_uint8_images(load_folder(path, None, "--samples").images[:], path, size, channels)
         check_sample_count(len(images), path)
         return images, None
     if not os.path.isfile(path):
@@ -128,12 +128,6 @@ def write_report(save_dir: str, result: dict, floor, settings: dict) -> None:
     fileio.write_text(os.path.join(save_dir, "report.md"), "\n".join(lines))
 
 
-def dataset_shape(dataset: str, data_dir: str) -> tuple:
-    """(image size, channels, classes) of the images of a dataset, as training would read them."""
-    data = load_dataset(dataset, data_dir, train=True)
-    return data.image_size, data.channels, len(data.classes) or 1
-
-
 @guarded
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -143,7 +137,7 @@ def main(argv=None):
     from_model = not (args.samples or args.real)
     check_sample_count(args.num_samples, "--num_samples")
     settings = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), source=args.samples)
-    labels, generation_seconds, image_size = None, 0.0, None
+    labels, generation_seconds, image_size, splits = None, 0.0, None, None
     if from_model:  # every input is checked before the evaluator's setup
         loaded = load_model(args)
         spec = next(iter(loaded.specs.values()))
@@ -153,9 +147,10 @@ def main(argv=None):
         device, dataset = pick_device(args.device), args.dataset or "mnist"
         if args.real and not has_test_split(dataset):
             raise UserError(f"--real test: {dataset} is a folder, which has no test split")
-        if args.samples:
-            size, channels, num_classes = dataset_shape(dataset, args.data_dir)
-            images, labels = load_samples(args.samples, size, channels, num_classes)
+        if args.samples:  # checked against the dataset's images, which the evaluator then scores against
+            splits = load_splits(dataset, args.data_dir)
+            train = splits[0]
+            images, labels = load_samples(args.samples, train.image_size, train.channels, len(train.classes) or 1)
     if dataset in PADDED:
         image_size = None  # digits are scored at their own 28x28, samples of a larger model cropped to it
     settings["dataset"] = dataset
@@ -163,7 +158,8 @@ def main(argv=None):
     check_output_dir(save_dir, "--save_dir")
     try:
         evaluator = Evaluator(args.data_dir, inception=not args.no_inception, device=device, progress=True,
-                              inception_logits=args.inception_logits, dataset=dataset, image_size=image_size)
+                              inception_logits=args.inception_logits, dataset=dataset, image_size=image_size,
+                              splits=splits)
     except ValueError as e:  # an unusable --inception_logits file
         raise UserError(str(e)) from None
     sampling = None
@@ -201,7 +197,7 @@ def main(argv=None):
     fileio.write_json(os.path.join(save_dir, "metrics.json"), report)
     write_report(save_dir, result, floor, settings)
     utils.save_grid(images[:100], os.path.join(save_dir, "samples.png"), nrow=10)
-    real = evaluator.test_images if evaluator.test_images is not None else evaluator.train_images
+    real = evaluator.test_images if evaluator.test_images is not None else evaluator.some_train_images(TRAIN_SAMPLE)
     utils.plot_intensity_histograms({"samples": images, f"{dataset} {'test' if has_test_split(dataset) else 'images'}": real},
                                     os.path.join(save_dir, "intensity_histogram.png"))
     if "class_histogram" in result["details"]:

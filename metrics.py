@@ -30,7 +30,7 @@ from scipy import linalg
 from tqdm.auto import tqdm
 
 from cli import UserError
-from data import PADDED, channels_first, has_test_split, load_dataset
+from data import PADDED, channels_first, load_splits
 from fileio import WriteError, save_npz, write_json
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -267,6 +267,7 @@ def inception_probabilities(net, images: torch.Tensor, batch_size: int = 50, dev
 
 INCEPTION_REFERENCE_SIZE = 10_000  # train images behind eval.py's Inception reference statistics (CPU cost)
 TRAINING_REFERENCE_SIZE = 2_000  # and behind those of training's evaluations, which only rank its checkpoints
+TRAIN_SAMPLE = 10_000  # training images of a folder on disk read for nearest distances and histograms
 
 
 def _sha256(t: torch.Tensor) -> str:
@@ -293,10 +294,7 @@ class Evaluator:
         behind fid_inception's reference statistics (about 0.1 s each on a CPU core pair, once per dataset)."""
         self.device, self.progress, self.reference_size = torch.device(device), progress, reference_size
         self.cache_dir = os.path.join(data_dir, "cache")
-        if splits is None:
-            splits = (load_dataset(dataset, data_dir, True, image_size),
-                      load_dataset(dataset, data_dir, False, image_size) if has_test_split(dataset) else None)
-        train, test = splits
+        train, test = splits or load_splits(dataset, data_dir, image_size)
         self.dataset, self.train_images = train.dataset, train.images
         self.test_images, self.test_labels = (None, None) if test is None else (test.images, test.labels)
         self.mnist = self.dataset == "mnist"
@@ -332,9 +330,12 @@ class Evaluator:
             return dict(mu=mu, sigma=sigma, features=feats.astype(np.float32))
         return self._cached("mnist-classifier-train", self.train_images, compute)
 
+    def some_train_images(self, n: int) -> torch.Tensor:
+        """A fixed random n of the training images (all, if fewer), read into memory even from a folder on disk."""
+        return self.train_images[torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(0))[:n]]
+
     def inception_reference(self) -> dict:
-        subset = self.train_images[torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(0))
-                                   [:self.reference_size]]
+        subset = self.some_train_images(self.reference_size)
         def compute(images):
             mu, sigma = feature_stats(inception_features(self.inception, images, device=self.device, progress=self.progress))
             return dict(mu=mu, sigma=sigma)
@@ -408,7 +409,8 @@ class Evaluator:
             start = time.perf_counter()
             details.update(pixel_stats(images))
             details["mean_pairwise_distance"] = mean_pairwise_distance(images)
-            nearest = nearest_train_distance(images, self.train_images)
+            train = self.train_images if torch.is_tensor(self.train_images) else self.some_train_images(TRAIN_SAMPLE)
+            nearest = nearest_train_distance(images, train)
             details["nearest_train_distance_median"] = nearest.median().item()
             details["nearest_train_distance_min"] = nearest.min().item()
             seconds["sample_stats"] = time.perf_counter() - start

@@ -23,7 +23,7 @@ import fileio
 from checkpoint import load_checkpoint
 from cli import UserError, check_output_dir, fail, replaced
 from config import fit_to_data, parse_args, preset_values, spec_flags
-from data import has_test_split, held_out, is_named, load_dataset
+from data import DataError, has_test_split, held_out, is_named, load_dataset
 from metrics import TRAINING_REFERENCE_SIZE, Evaluator, check_sample_count
 from runtime import amp_dtype, pick_device
 from trainer import Trainer, TrainingLoop
@@ -181,6 +181,9 @@ def main(argv=None, conditional: bool = False) -> dict | None:
     except (FloatingPointError, fileio.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except DataError as e:  # an image of a folder read from disk that cannot be decoded
+        saved = "nothing saved yet" if trainer.saved_step is None else f"last.pth holds step {trainer.saved_step}"
+        fail(f"{e}; {saved}")
     except KeyboardInterrupt:
         print(f"stopped at once by a second signal; last.pth holds step {trainer.saved_step}", file=sys.stderr)
         sys.exit(130)

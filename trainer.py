@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -24,9 +25,8 @@ import fileio
 from artefacts import RunArtefacts
 from checkpoint import guide_entry, guide_from_checkpoint, model_config_of, save_checkpoint
 from cli import UserError
-from conditional_ddpm import drop_labels
 from config import create_model_and_diffusion, diffusion_config, model_config, sampling_spec
-from data import to_model_range
+from data import DataError, ImageFiles, to_model_range
 from diffusion import check_sampling
 from runtime import amp_dtype, autocast
 
@@ -35,6 +35,7 @@ from runtime import amp_dtype, autocast
 BEST_BY = ("fid_mnist", "fid_inception", "test_loss")
 # Why a run stops, in increasing strength: under DDP every rank adopts the strongest reason any rank has.
 STOP_REASONS = (None, "max_steps", "time_budget", "SIGINT", "SIGTERM")
+DISK_WORKERS = min(4, os.cpu_count() or 1)  # DataLoader workers decoding a folder read from disk
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, seconds: float, budget_seconds: float | None) -> float:
@@ -109,14 +110,23 @@ class StopPolicy:
 
 
 class Batches:
-    """The training set on the device as uint8 (small enough to index per batch, with no loader
-    workers), and each epoch's order, drawn from a generator whose state at the epoch's start is saved so
-    that a resumed run replays the same epoch."""
+    """The training images, batch by batch, in each epoch's order, drawn from a generator whose state at the
+    epoch's start is saved so that a resumed run replays the same epoch. Each rank gets every world-th image
+    of the global batch.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, pad: int, device, seed: int):
-        # centred in black, like MNIST's own 20 -> 28 padding (only grey images [N, H, W] are ever padded)
-        self.images = (F.pad(images, (pad,) * 4) if pad else images).to(device)
+    A dataset in memory goes to the device as uint8 and is indexed there per batch (no loader workers); a
+    folder too large for that (data.ImageFiles) is read from disk by a DataLoader whose workers decode the
+    batches ahead of the step."""
+
+    def __init__(self, images, labels: torch.Tensor, batch_size: int, pad: int, device, seed: int,
+                 rank: int = 0, world: int = 1):
+        self.on_disk = isinstance(images, ImageFiles)
+        if self.on_disk:
+            self.images = images  # folders are resized to --image_size, never padded
+        else:  # centred in black, like MNIST's own 20 -> 28 padding (only grey images [N, H, W] are ever padded)
+            self.images = (F.pad(images, (pad,) * 4) if pad else images).to(device)
         self.labels, self.batch_size, self.device = labels.to(device), batch_size, device
+        self.share = slice(rank, None, world)
         self.per_epoch = len(images) // batch_size
         if self.per_epoch == 0:
             raise UserError(f"--batch_size {batch_size} is larger than the training set ({len(images)})")
@@ -127,7 +137,40 @@ class Batches:
         if new_epoch:
             self.epoch_start_state = self.generator.get_state()
         self.generator.set_state(self.epoch_start_state)
-        return torch.randperm(len(self.images), generator=self.generator).to(self.device)
+        return torch.randperm(len(self.images), generator=self.generator)
+
+    def take(self, idx: torch.Tensor) -> tuple:
+        """(uint8 images, labels) on the device: this rank's share of the global batch `idx`."""
+        idx = idx[self.share].to(self.labels.device)
+        return self.images[idx.to(self.images.device)], self.labels[idx]
+
+    def epoch(self, first: int, new_epoch: bool):
+        """The batches of the epoch from its step `first` on."""
+        order = self.epoch_order(new_epoch).to(self.labels.device)  # where the labels and in-memory images are
+        steps = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(first, self.per_epoch)]
+        if not self.on_disk:
+            yield from (self.take(idx) for idx in steps)
+            return
+        reads = DataLoader(DiskReads(self.images), sampler=[idx[self.share].cpu() for idx in steps], batch_size=None,
+                           num_workers=DISK_WORKERS, pin_memory=self.device.type == "cuda")
+        for idx, images in zip(steps, reads):
+            if isinstance(images, str):
+                raise DataError(images)
+            yield images.to(self.device, non_blocking=True), self.labels[idx[self.share]]
+
+
+class DiskReads(Dataset):
+    """ImageFiles for DataLoader workers, one batch of indices per item. An unreadable file comes back as its
+    message, for the main process to raise as one line (a worker's exception would bring its traceback)."""
+
+    def __init__(self, images: ImageFiles):
+        self.images = images
+
+    def __getitem__(self, idx: torch.Tensor):
+        try:
+            return self.images[idx]
+        except DataError as e:
+            return str(e)
 
 
 class Trainer:
@@ -147,7 +190,7 @@ class Trainer:
         amp = amp_dtype(self.device, args.amp)
         torch.manual_seed(args.seed + rank)  # dropout differs per rank
         self.pad = (args.image_size - data[0].shape[1]) // 2
-        self.batches = Batches(*data, args.batch_size, self.pad, self.device, args.seed)
+        self.batches = Batches(*data, args.batch_size, self.pad, self.device, args.seed, rank, world)
         self.total_steps = args.epochs * self.batches.per_epoch  # the LR schedule's length; --max_steps cuts it
         self.budget_seconds = None if args.time_budget is None else 60 * args.time_budget
 
@@ -231,25 +274,26 @@ class Trainer:
     def autocast(self):
         return autocast(self.device, self.args.amp)
 
-    def train_step(self, idx: torch.Tensor) -> tuple:
-        """One optimizer step on the global batch `idx`; under DDP each rank takes every world-th image.
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """One optimizer step on this rank's share of the global batch (Batches.take): uint8 images and labels.
 
-        Noise levels, noise and label dropout are drawn for the whole global batch from one generator and
-        sliced, so each rank gets its own draws and N ranks reproduce the single-process run.
+        Noise levels, noise, flips and label dropout are drawn for the whole global batch from one generator
+        and sliced, so each rank gets its own draws and N ranks reproduce the single-process run.
         """
-        args, share = self.args, slice(self.rank, None, self.world)
-        x0 = to_model_range(self.batches.images[idx])
+        args, share, n = self.args, self.batches.share, len(images) * self.world
+        x0 = to_model_range(images)
         if args.random_flip:  # drawn only then, so that runs without flips keep their random stream
-            flip = torch.rand(len(idx), device=self.device, generator=self.noise_gen) < 0.5
+            flip = torch.rand(n, device=self.device, generator=self.noise_gen)[share] < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        sigma = self.diffusion.draw_noise_levels(len(idx), self.device, self.noise_gen)
-        noise = torch.randn(x0.shape, device=self.device, generator=self.noise_gen)
+        sigma = self.diffusion.draw_noise_levels(n, self.device, self.noise_gen)[share]
+        noise = torch.randn((n,) + x0.shape[1:], device=self.device, generator=self.noise_gen)[share]
         kwargs = {}
         if self.conditional:
-            y = drop_labels(self.batches.labels[idx], args.p_uncond, self.model.null_class, self.noise_gen)
-            kwargs["y"] = y[share]
+            # classifier-free guidance's training trick: the null class in place of the label, at rate p_uncond
+            dropped = torch.rand(n, device=self.device, generator=self.noise_gen)[share] < args.p_uncond
+            kwargs["y"] = labels.masked_fill(dropped, self.model.null_class)
         with self.autocast():
-            loss = self.diffusion.training_loss(self.net, x0[share], kwargs, sigma=sigma[share], noise=noise[share])
+            loss = self.diffusion.training_loss(self.net, x0, kwargs, sigma=sigma, noise=noise)
         lr = args.lr * lr_factor(self.step, self.total_steps, args.warmup_steps, self.clock.agreed, self.budget_seconds)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -392,13 +436,12 @@ class TrainingLoop:
     def run_epoch(self, writer, interactive: bool) -> None:
         """Train to the end of the epoch, or to a stop."""
         tr, args = self.trainer, self.trainer.args
-        order = tr.batches.epoch_order(new_epoch=tr.step_in_epoch == 0)
+        batches = tr.batches.epoch(tr.step_in_epoch, new_epoch=tr.step_in_epoch == 0)
         bar = tqdm(total=tr.batches.per_epoch, initial=tr.step_in_epoch, disable=not interactive,
                    desc=f"epoch {tr.epoch + 1}/{args.epochs}", dynamic_ncols=True)
         log = LossLog(tr, writer, bar, interactive)
         while tr.step_in_epoch < tr.batches.per_epoch:
-            i = tr.step_in_epoch
-            loss, grad_norm = tr.train_step(order[i * args.batch_size:(i + 1) * args.batch_size])
+            loss, grad_norm = tr.train_step(*next(batches))
             log.add(loss)
             tr.step, tr.step_in_epoch = tr.step + 1, tr.step_in_epoch + 1
             self.stop.checkpoint_is_current = False
@@ -415,6 +458,7 @@ class TrainingLoop:
                 self.checkpoint()
             if stopping:
                 break
+        batches.close()  # a folder's DataLoader workers stop here
         bar.close()
 
     def end_of_epoch(self, final: bool, finished_epoch: bool) -> None:

@@ -161,6 +161,21 @@ def test_held_out_share_is_fixed_and_never_trained_on(tmp_path):
     assert not any(bytes(x.numpy()) in rows for x in test.images)
 
 
+@pytest.mark.unit
+def test_a_folder_too_large_for_memory_is_read_from_disk_as_the_same_images(tmp_path, monkeypatch):
+    root = colour_classes(tmp_path / "pets", per_class=4)
+    in_memory = load_dataset(root, "unused", image_size=16)
+    monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", 16 * 16 * 3 * 12 - 1)  # one byte short of the 12 images
+    on_disk = load_dataset(root, "unused", image_size=16)
+    assert isinstance(on_disk.images, data_module.ImageFiles) and on_disk.images.shape == in_memory.images.shape
+    assert on_disk.description() == in_memory.description() and torch.equal(on_disk.labels, in_memory.labels)
+    pick = torch.tensor([11, 0, 5])
+    assert torch.equal(on_disk.images[pick], in_memory.images[pick]) and torch.equal(on_disk.images[3], in_memory.images[3])
+    (train, test), (train_m, test_m) = held_out(on_disk), held_out(in_memory)
+    assert isinstance(train.images, data_module.ImageFiles) and torch.is_tensor(test.images)  # held out: in memory
+    assert torch.equal(train.images[:], train_m.images) and torch.equal(test.images, test_m.images)
+
+
 # ----------------------------------------------------------------------------- training, sampling, scoring
 
 def without_inception(monkeypatch) -> None:
@@ -257,3 +272,26 @@ def test_bad_dataset_flags_are_one_line_and_write_nothing(tmp_path, capsys, flag
     exits_2(capsys, lambda: run_training(FLAGS + dataset + flags + ["--output_dir", str(tmp_path / "runs")],
                                          conditional=True), message)
     assert not os.path.exists(tmp_path / "runs") or not any(os.scandir(tmp_path / "runs"))
+
+
+def test_a_folder_read_from_disk_trains_and_resumes_exactly_as_in_memory(tmp_path, capsys, monkeypatch):
+    """The DataLoader path gives the step the same images in the same order, across a resume in mid-epoch
+    and the epoch's end (34 training images, 4 steps an epoch)."""
+    without_inception(monkeypatch)
+    root, runs = colour_classes(tmp_path / "pets"), str(tmp_path / "runs")
+    flags = [*FLAGS, "--dataset", root, "--output_dir", runs, "--random_flip"]
+    run_training(flags + ["--experiment_name", "memory", "--max_steps", "6"], conditional=True)
+    monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", 0)
+    run_training(flags + ["--experiment_name", "disk", "--max_steps", "3"], conditional=True)
+    run_training(["--resume", os.path.join(runs, "disk", "last.pth"), "--max_steps", "6"], conditional=True)
+    a, b = (load_checkpoint(os.path.join(runs, name, "last.pth")) for name in ("memory", "disk"))
+    assert a["step"] == b["step"] == 6 and a["epoch"] == b["epoch"] == 1
+    for name, tensor in a["ema"].items():
+        assert torch.equal(tensor, b["ema"][name]), f"ema.{name} differs when read from disk"
+
+    # A file that opens but whose pixels are cut short fails where training reads it: one line, exit 2.
+    broken = tmp_path / "pets" / "dog" / "005.png"
+    broken.write_bytes(broken.read_bytes()[:120])
+    capsys.readouterr()
+    exits_2(capsys, lambda: run_training(flags + ["--experiment_name", "broken", "--max_steps", "8"],
+                                         conditional=True), "005.png: not a readable image")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint, upgrade
-from conditional_ddpm import ConditionalUNet, drop_labels
+from conditional_ddpm import ConditionalUNet
 from conftest import TINY_MODEL
 from ddpm_model import ModelConfig, UNet
 from diffusion import DDPM, DiffusionConfig, FlowMatching, SamplingSpec
@@ -67,14 +67,6 @@ def test_every_group_norm_has_at_most_32_groups_of_at_least_4_channels():
 
 def test_default_model_size():
     assert sum(p.numel() for p in UNet().parameters()) == 35_741_697  # the count the README states
-
-
-def test_drop_labels_rate():
-    y = torch.zeros(100_000, dtype=torch.long)
-    dropped = drop_labels(y, 0.1, null_class=10, generator=torch.Generator().manual_seed(0))
-    assert set(dropped.unique().tolist()) == {0, 10}
-    assert abs((dropped == 10).float().mean().item() - 0.1) < 0.005
-    assert torch.equal(drop_labels(y, 0.0, 10), y)
 
 
 # ----------------------------------------------------------------------------- checkpoints

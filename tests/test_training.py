@@ -173,8 +173,8 @@ def test_speed_flags_keep_the_training_step(train_flags):
         tr = new_trainer(train_flags + ["--experiment_name", name] + flags)
         out_conv = tr.model.out[-1].weight
         assert out_conv.is_contiguous(memory_format=torch.channels_last) == (name == "nhwc")
-        tr.train_step(torch.arange(16))
-        results[name] = [v.item() for v in tr.train_step(torch.arange(16, 32))]  # loss, gradient norm
+        tr.train_step(*tr.batches.take(torch.arange(16)))
+        results[name] = [v.item() for v in tr.train_step(*tr.batches.take(torch.arange(16, 32)))]  # loss, gradient norm
     (loss, grad), (nhwc_loss, nhwc_grad) = results["plain"], results["nhwc"]
     assert nhwc_loss == pytest.approx(loss, rel=1e-5) and nhwc_grad == pytest.approx(grad, rel=1e-4)
     assert 0 < abs(results["bf16"][0] - loss) < 0.02 * loss and 0 < abs(results["bf16"][1] - grad) < 0.05 * grad

@@ -4,6 +4,7 @@
     python -m tools.bench --compare diffusers     # also HF diffusers' UNet2DModel of the same configuration
     python -m tools.bench --json bench.json
     python -m tools.bench --amp bf16 --compile    # autocast, torch.compile (and --channels_last) as train.py takes them
+    python -m tools.bench --models cpu_preset --read_folder data/mnist_png   # a folder read from disk, against memory
 
 For each model: parameters, forward FLOPs per image (torch.utils.flop_counter), training images/s of a
 full step (noise, forward, loss, backward, AdamW, EMA: the trainer's own train_step), network
@@ -24,11 +25,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import config
 from cli import ArgumentParser, add_speed_args, guarded, replaced
+from data import load_folder
 from diffusion import DDPM, SamplingSpec, check_sampling, sample
 from fileio import write_json
 from runtime import amp_dtype, pick_device
 from tools.tables import choose
-from trainer import Trainer
+from trainer import DISK_WORKERS, Batches, Trainer
 
 
 def sync(device):
@@ -81,8 +83,26 @@ def bench_ours(flags, device, args, image_size=28):
                     torch.zeros(args.batch_size, dtype=torch.long))  # the step's cost does not depend on them
     tr = Trainer(targs, False, exp_dir=None, data=noise_digits, device=device)  # writes nothing
     idx = torch.arange(args.batch_size, device=device)
-    step_time = median_time(lambda: tr.train_step(idx), device, args.repeats)
+    step_time = median_time(lambda: tr.train_step(*tr.batches.take(idx)), device, args.repeats)
     return tr.model, tr.ema, step_time, tr.autocast
+
+
+def reading_speed(folder: str, device, batch_size: int, steps: int = 100) -> dict:
+    """Images/s that training's batches (trainer.Batches) deliver from a folder read from disk by the DataLoader's
+    workers, and from the same images in memory: reading keeps up when it outpaces the training step."""
+    on_disk = load_folder(folder, None, in_memory_bytes=0)
+    speeds = {}
+    for where, images in (("disk", on_disk.images), ("memory", on_disk.images[:])):
+        batches = Batches(images, on_disk.labels, batch_size, 0, device, seed=0).epoch(0, new_epoch=True)
+        next(batches)  # the workers' start-up
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(batches)
+        sync(device)
+        speeds[where] = steps * batch_size / (time.perf_counter() - start)
+        batches.close()
+    return speeds
 
 
 def sampling_call_time(net, device, batch, image_size, repeats, autocast):
@@ -160,6 +180,8 @@ def build_parser() -> ArgumentParser:
     add_speed_args(p, "our network (as train.py --compile)")
     p.add_argument("--train_flags", default="", metavar="FLAGS",
                    help="train.py flags for every model, e.g. \"--activation silu --channel_mult 1,2,4\"")
+    p.add_argument("--read_folder", default=None, metavar="FOLDER",
+                   help="also time reading this folder's images from disk for training, against memory")
     p.add_argument("--json", default=None, metavar="PATH")
     return p
 
@@ -236,11 +258,16 @@ def main(argv=None):
             print(f"  {rows[-1]['model']}: {rows[-1]['train_images_per_s']:.1f} train img/s, "
                   f"{rows[-1]['sampling_nfe_per_s']:.1f} sampling NFE/s", flush=True)
     print_table(rows, device, dtype, args, peak)
+    reading = None
+    if args.read_folder:
+        reading = reading_speed(args.read_folder, device, args.batch_size)
+        print(f"reading {args.read_folder} for training, batch {args.batch_size}: {reading['disk']:.0f} images/s "
+              f"from disk ({DISK_WORKERS} DataLoader workers), {reading['memory']:.0f} from memory")
     if args.json:
         write_json(args.json, dict(device=str(device), torch=torch.__version__, amp=args.amp, compile=args.compile,
                                    channels_last=args.channels_last, batch_size=args.batch_size,
                                    sample_batch=args.sample_batch, matmul_peak_flops=peak,
-                                   peak_memory_mb=peak_memory_mb(device), rows=rows))
+                                   peak_memory_mb=peak_memory_mb(device), rows=rows, reading=reading))
 
 
 if __name__ == "__main__":
