@@ -20,6 +20,7 @@ from checkpoint import data_of, load_checkpoint
 from conftest import TINY_MODEL, as_flags, exits_2, run_training
 from data import DataError, held_out, load_dataset
 from tools import write_folder
+from trainer import Batches
 
 # The tiny network and a run of a few steps; the folder runs add --dataset and --output_dir.
 FLAGS = as_flags({**TINY_MODEL, "attention_resolutions": (), "batch_size": 8, "eval_samples": 10, "sample_steps": 2,
@@ -174,6 +175,21 @@ def test_a_folder_too_large_for_memory_is_read_from_disk_as_the_same_images(tmp_
     (train, test), (train_m, test_m) = held_out(on_disk), held_out(in_memory)
     assert isinstance(train.images, data_module.ImageFiles) and torch.is_tensor(test.images)  # held out: in memory
     assert torch.equal(train.images[:], train_m.images) and torch.equal(test.images, test_m.images)
+
+
+@pytest.mark.unit
+def test_each_rank_reads_its_share_of_every_batch_from_disk(tmp_path):
+    """Under torchrun each rank reads every world-th image of the global batch: two ranks reading from disk
+    get between them what one process gets from memory, from a step in mid-epoch on."""
+    root, cpu = colour_classes(tmp_path / "pets", per_class=4), torch.device("cpu")
+    memory, disk = load_dataset(root, "unused"), data_module.load_folder(root, None, in_memory_bytes=0)
+    whole = Batches(memory.images, memory.labels, 4, 0, cpu, seed=3).epoch(1, new_epoch=True)
+    ranks = [Batches(disk.images, disk.labels, 4, 0, cpu, seed=3, rank=r, world=2).epoch(1, True) for r in (0, 1)]
+    batches = list(zip(whole, *ranks))
+    assert len(batches) == 2  # 12 images, 3 steps an epoch, from the second on
+    for (x, y), (x0, y0), (x1, y1) in batches:
+        assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)
+        assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)
 
 
 # ----------------------------------------------------------------------------- training, sampling, scoring
