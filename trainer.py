@@ -141,22 +141,26 @@ class Batches:
 
     def take(self, idx: torch.Tensor) -> tuple:
         """(uint8 images, labels) on the device: this rank's share of the global batch `idx`."""
-        idx = idx[self.share].to(self.labels.device)
-        return self.images[idx.to(self.images.device)], self.labels[idx]
+        idx = idx[self.share]
+        images = self.images[idx.cpu()].to(self.device) if self.on_disk else self.images[idx.to(self.device)]
+        return images, self.labels[idx.to(self.device)]
 
     def epoch(self, first: int, new_epoch: bool):
         """The batches of the epoch from its step `first` on."""
-        order = self.epoch_order(new_epoch).to(self.labels.device)  # where the labels and in-memory images are
+        order = self.epoch_order(new_epoch)
+        if not self.on_disk:
+            order = order.to(self.device)  # one copy an epoch: the batches are indexed on the device
         steps = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(first, self.per_epoch)]
         if not self.on_disk:
-            yield from (self.take(idx) for idx in steps)
+            yield from map(self.take, steps)
             return
-        reads = DataLoader(DiskReads(self.images), sampler=[idx[self.share].cpu() for idx in steps], batch_size=None,
-                           num_workers=DISK_WORKERS, pin_memory=self.device.type == "cuda")
-        for idx, images in zip(steps, reads):
+        shares = [idx[self.share] for idx in steps]
+        reads = DataLoader(DiskReads(self.images), sampler=shares, batch_size=None, num_workers=DISK_WORKERS,
+                           pin_memory=self.device.type == "cuda")
+        for idx, images in zip(shares, reads):
             if isinstance(images, str):
                 raise DataError(images)
-            yield images.to(self.device, non_blocking=True), self.labels[idx[self.share]]
+            yield images.to(self.device, non_blocking=True), self.labels[idx.to(self.device)]
 
 
 class DiskReads(Dataset):

@@ -187,6 +187,10 @@ def test_each_rank_reads_its_share_of_every_batch_from_disk(tmp_path):
     ranks = [Batches(disk.images, disk.labels, 4, 0, cpu, seed=3, rank=r, world=2).epoch(1, True) for r in (0, 1)]
     batches = list(zip(whole, *ranks))
     assert len(batches) == 2  # 12 images, 3 steps an epoch, from the second on
+    idx = torch.tensor([7, 2, 11, 5])  # rank 1 of 2 takes images 2 (a cat) and 5 (a dog)
+    in_memory = Batches(memory.images, memory.labels, 4, 0, cpu, seed=3, rank=1, world=2).take(idx)
+    from_disk = Batches(disk.images, disk.labels, 4, 0, cpu, seed=3, rank=1, world=2).take(idx)
+    assert all(torch.equal(a, b) for a, b in zip(in_memory, from_disk)) and in_memory[1].tolist() == [0, 1]
     for (x, y), (x0, y0), (x1, y1) in batches:
         assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)
         assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)
